@@ -1,0 +1,53 @@
+"""Trainer callbacks: preemption signals and a non-finite loss guard."""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+
+from transformers import TrainerCallback
+
+log = logging.getLogger("qlaunch")
+
+
+class PreemptionCallback(TrainerCallback):
+    """On SIGUSR1 / SIGTERM (SLURM's --signal, preemption, scancel): save a checkpoint at the
+    end of the current step and stop, so the job can be requeued and resumed."""
+
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+        self.received: str | None = None
+        self.stopped_at_step: int | None = None
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: will checkpoint and stop after this step.", self.received)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received and self.stopped_at_step is None:
+            self.stopped_at_step = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Stop as soon as a logged loss is NaN or inf instead of training on garbage."""
+
+    def __init__(self):
+        self.bad_step: int | None = None
+        self.bad_value: float | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss) and self.bad_step is None:
+            self.bad_step, self.bad_value = state.global_step, loss
+            control.should_training_stop = True
+        return control
+
+    def message(self) -> str:
+        return (
+            f"training loss became {self.bad_value} at step {self.bad_step}; stopped. Lower --learning_rate, "
+            "add --max_grad_norm 1.0, or use --bf16 True instead of --fp16 on GPUs that support it."
+        )

@@ -1,0 +1,225 @@
+"""Arguments: dataclasses, the parser, YAML recipes and validation.
+
+Field names are Qwen finetune.py's (``model_name_or_path``, ``data_path``, ``use_lora``,
+``q_lora``, ``lora_r`` …) plus every Hugging Face ``TrainingArguments`` flag. A YAML recipe
+(``--config``) uses exactly the same keys; anything given on the command line wins.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import transformers
+import yaml
+
+from qlaunch.errors import UsageError
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local directory of the base model (required)."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run Python code shipped with the checkpoint (needed by e.g. Qwen-7B). Off unless given."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "eager | sdpa | flash_attention_2 (default: transformers' choice)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(
+        default=None, metadata={"help": "Training data: .json (a list) or .jsonl; Qwen, OpenAI or alpaca records."}
+    )
+    eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
+    lazy_preprocess: bool = field(
+        default=False, metadata={"help": "Tokenize each sample when first used instead of all up front."}
+    )
+    system_message: str = field(
+        default="You are a helpful assistant.",
+        metadata={"help": "System prompt for samples that carry none ('' for none)."},
+    )
+    truncation: str = field(
+        default="truncate",
+        metadata={"help": "Samples longer than model_max_length: 'truncate' (default) or 'drop'."},
+    )
+
+
+@dataclass
+class LoraArguments:
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on a frozen base."})
+    q_lora: bool = field(default=False, metadata={"help": "Q-LoRA: LoRA on a 4-bit quantized base (implies use_lora)."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names to adapt, as a list or one comma string "
+            "(default: every linear projection of the decoder blocks, detected from the model).",
+            "nargs": "+",
+        },
+    )
+    lora_weight_path: str | None = field(
+        default=None, metadata={"help": "An existing adapter directory to continue training from."}
+    )
+    lora_bias: str = field(default="none", metadata={"help": "none | all | lora_only."})
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Extra modules trained in full and saved with the adapter, e.g. embed_tokens lm_head.",
+            "nargs": "+",
+        },
+    )
+    quantization: str = field(
+        default="auto",
+        metadata={"help": "With --q_lora: auto (the checkpoint's own GPTQ config, else nf4) | nf4 | fp4 | gptq."},
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "NF4/FP4: quantize the quantization constants too (QLoRA paper)."}
+    )
+    bnb_4bit_quant_storage: str | None = field(
+        default=None,
+        metadata={"help": "NF4/FP4 storage dtype (e.g. bfloat16 for ZeRO-3 / FSDP sharding; default uint8)."},
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = field(
+        default=8192, metadata={"help": "Maximum sequence length; longer samples are truncated or dropped."}
+    )
+    config: str | None = field(
+        default=None, metadata={"help": "YAML recipe with the same keys as these flags; the command line wins."}
+    )
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Print the effective configuration and data statistics, then exit without training."},
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
+
+# Flags that older scripts (Qwen's among them) pass under names transformers has since renamed.
+LEGACY_ALIASES = {"evaluation_strategy": "eval_strategy"}
+
+
+@dataclass
+class Config:
+    model: ModelArguments
+    data: DataArguments
+    lora: LoraArguments
+    training: TrainingArguments
+    # Resolved by validate_args from flags, the checkpoint and the machine.
+    quant_method: str | None = None
+    compute_dtype: Any = None
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for part in (self.model, self.data, self.lora):
+            out.update(dataclasses.asdict(part))
+        out.update(self.training.to_dict())
+        return out
+
+
+def make_parser() -> transformers.HfArgumentParser:
+    parser = transformers.HfArgumentParser(
+        ARGUMENT_CLASSES,
+        prog="finetune.py",
+        description="Fine-tune a causal LM with LoRA or Q-LoRA (NF4 / GPTQ Int4). "
+        "Flags and data format are compatible with Qwen's finetune.py.",
+        allow_abbrev=False,
+    )
+    for old, new in LEGACY_ALIASES.items():
+        parser.add_argument(f"--{old}", dest=new, help=argparse.SUPPRESS)
+    return parser
+
+
+def _dests(parser: argparse.ArgumentParser) -> set[str]:
+    return {a.dest for a in parser._actions if a.dest != "help"}
+
+
+def load_yaml_recipe(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UsageError(f"--config: file not found: {path!r}. Pass the path of a YAML recipe (see recipes/).")
+    with open(path, encoding="utf-8") as f:
+        try:
+            values = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise UsageError(f"--config {path}: not valid YAML: {e}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}.")
+    return {LEGACY_ALIASES.get(k, k): v for k, v in values.items()}
+
+
+def _split_comma_lists(namespace: argparse.Namespace) -> None:
+    """Accept `--lora_target_modules q_proj,v_proj` and YAML strings as well as lists."""
+    for name in ("lora_target_modules", "lora_modules_to_save"):
+        value = getattr(namespace, name, None)
+        if value is None:
+            continue
+        items = [value] if isinstance(value, str) else list(value)
+        flat = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+        setattr(namespace, name, flat or None)
+
+
+def parse_namespace(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse YAML (if any) and the command line into one namespace; unknown keys are an error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    known = _dests(parser)
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    pre_ns, _ = pre.parse_known_args(argv)
+    problems = []
+    if pre_ns.config:
+        recipe = load_yaml_recipe(pre_ns.config)
+        unknown = sorted(set(recipe) - known)
+        if unknown:
+            problems.append(
+                f"--config {pre_ns.config}: unknown keys {', '.join(unknown)}. "
+                "Recipe keys are finetune.py flag names (see `python finetune.py --help`)."
+            )
+        parser.set_defaults(**{k: v for k, v in recipe.items() if k in known})
+
+    namespace, remaining = parser.parse_known_args(argv)
+    if remaining:
+        flags = [r for r in remaining if r.startswith("-")] or remaining
+        problems.append(
+            f"unknown arguments: {' '.join(flags)}. See `python finetune.py --help` for the accepted flags."
+        )
+    if problems:
+        raise UsageError(problems)
+    _split_comma_lists(namespace)
+    return namespace
+
+
+def build_config(namespace: argparse.Namespace) -> Config:
+    values = vars(namespace)
+    parts = []
+    for cls in ARGUMENT_CLASSES:
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        kwargs = {k: v for k, v in values.items() if k in names}
+        try:
+            parts.append(cls(**kwargs))
+        except ValueError as e:  # TrainingArguments.__post_init__ checks combinations itself
+            raise UsageError(f"training arguments: {e}") from None
+    return Config(
+        *parts,
+        quant_method=values.get("quant_method"),
+        compute_dtype=values.get("compute_dtype"),
+        notes=list(values.get("notes", [])),
+        warnings=list(values.get("warnings", [])),
+    )

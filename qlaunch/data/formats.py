@@ -1,0 +1,131 @@
+"""Read training files and convert every supported record format to one canonical sample.
+
+Canonical sample: a list of ``{"role": "system"|"user"|"assistant", "content": str}``.
+Nothing downstream of this module knows about input formats.
+
+Supported records (files: ``.json`` holding a list, or ``.jsonl`` with one record a line):
+- Qwen / ShareGPT: ``{"id", "conversations": [{"from": "user"|"human"|"assistant"|"gpt"|"system", "value"}]}``
+- OpenAI: ``{"messages": [{"role", "content"}]}``
+- alpaca: ``{"instruction", "input"?, "output", "system"?}``
+Any record may carry a top-level ``"system"`` string; otherwise the default system message is used.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from qlaunch.errors import UsageError
+
+Message = dict[str, str]
+
+ROLE_NAMES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "system": "system",
+}
+MAX_REPORTED = 5  # problems listed per file before "and N more"
+
+
+def read_records(path: str) -> list[Any]:
+    """Load a .json list or a .jsonl file; malformed content is a UsageError naming the line."""
+    flag_hint = "Pass a .json file holding a list of records, or a .jsonl file with one record per line."
+    if not os.path.isfile(path):
+        raise UsageError(f"data file not found: {path!r}. {flag_hint}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".jsonl"):
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg}). Each line of a .jsonl file is one JSON record.") from None
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg}). {flag_hint}") from None
+        if not isinstance(records, list):
+            raise UsageError(f"{path}: expected a JSON list of records, got {type(records).__name__}. {flag_hint}")
+    if not records:
+        raise UsageError(f"{path}: no records. The file must hold at least one training sample.")
+    return records
+
+
+def _conversation(turns: Any, role_key: str, text_key: str) -> list[Message]:
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("has no turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {i} is not an object")
+        # Be lenient about which key pair a Qwen-style file uses.
+        role = turn.get(role_key, turn.get("role", turn.get("from")))
+        content = turn.get(text_key, turn.get("content", turn.get("value")))
+        if role not in ROLE_NAMES:
+            raise ValueError(f"turn {i} has role {role!r}; expected one of {', '.join(ROLE_NAMES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"turn {i} has no text ({text_key!r} must be a string)")
+        messages.append({"role": ROLE_NAMES[role], "content": content})
+    return messages
+
+
+def to_messages(record: Any, default_system: str) -> list[Message]:
+    """Convert one record to canonical messages; raise ValueError saying what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"is a {type(record).__name__}, not an object")
+    if "conversations" in record:
+        messages = _conversation(record["conversations"], "from", "value")
+    elif "messages" in record:
+        messages = _conversation(record["messages"], "role", "content")
+    elif "instruction" in record and "output" in record:
+        prompt = record["instruction"]
+        if record.get("input"):
+            prompt = f"{prompt}\n\n{record['input']}"
+        if not isinstance(prompt, str) or not isinstance(record["output"], str):
+            raise ValueError("alpaca fields instruction/input/output must be strings")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    else:
+        keys = ", ".join(sorted(record)) or "none"
+        raise ValueError(
+            f"has keys {keys}; expected 'conversations' (Qwen), 'messages' (OpenAI) or 'instruction'+'output' (alpaca)"
+        )
+
+    if messages[0]["role"] != "system":
+        system = record.get("system", default_system)
+        if not isinstance(system, str):
+            raise ValueError("'system' must be a string")
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+    if any(m["role"] == "system" for m in messages[1:]):
+        raise ValueError("has a system turn after the first turn; only the first turn may be a system prompt")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("has no assistant turn, so nothing to train on")
+    return messages
+
+
+def load_samples(path: str, default_system: str) -> list[list[Message]]:
+    """Read a data file and convert every record; all bad records are reported at once."""
+    records = read_records(path)
+    samples, problems = [], []
+    for index, record in enumerate(records):
+        try:
+            samples.append(to_messages(record, default_system))
+        except ValueError as e:
+            problems.append(f"record {index}{_record_id(record)} {e}")
+    if problems:
+        shown = problems[:MAX_REPORTED]
+        more = f" (and {len(problems) - MAX_REPORTED} more)" if len(problems) > MAX_REPORTED else ""
+        raise UsageError(
+            [f"{path}: {len(problems)} malformed record(s){more}; fix or remove them:"] + [f"{path}: {p}" for p in shown]
+        )
+    return samples
+
+
+def _record_id(record: Any) -> str:
+    return f" (id {record['id']!r})" if isinstance(record, dict) and "id" in record else ""

@@ -1,0 +1,103 @@
+"""Build the Trainer, run it (with resume), save the adapter and the run's record."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+
+import torch
+from transformers import DataCollatorForSeq2Seq, Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from qlaunch.callbacks import NonFiniteLossGuard, PreemptionCallback
+from qlaunch.data.tokenize import IGNORE_INDEX
+
+log = logging.getLogger("qlaunch")
+
+
+def make_collator(tokenizer, on_gpu: bool):
+    """Dynamic padding to the longest sample of each batch; padded labels are -100."""
+    return DataCollatorForSeq2Seq(
+        tokenizer,
+        padding="longest",
+        label_pad_token_id=IGNORE_INDEX,
+        pad_to_multiple_of=8 if on_gpu else None,  # tensor-core friendly shapes on GPUs
+    )
+
+
+def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None):
+    args = config.training
+    preemption = PreemptionCallback()
+    guard = NonFiniteLossGuard()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=make_collator(tokenizer, on_gpu=not args.use_cpu and torch.cuda.is_available()),
+        processing_class=tokenizer,
+        callbacks=[preemption, guard],
+    )
+    trainer.qlaunch_preemption = preemption
+    trainer.qlaunch_guard = guard
+    return trainer
+
+
+def resolve_resume(resume_from_checkpoint, output_dir: str):
+    """`auto`: the newest checkpoint-* in output_dir if there is one, else a fresh start."""
+    if resume_from_checkpoint in (None, "", False):
+        return None
+    if str(resume_from_checkpoint).lower() in ("auto", "true", "last"):
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last:
+            log.info("Resuming from %s", last)
+        else:
+            log.info("No checkpoint in %s: starting from scratch.", output_dir)
+        return last
+    return resume_from_checkpoint
+
+
+def requeue_if_slurm() -> bool:
+    """After a preemption checkpoint, put the SLURM job back in the queue (rank 0 only)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or int(os.environ.get("RANK", "0")) != 0:
+        return False
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode == 0:
+        log.warning("Requeued SLURM job %s; it resumes from the checkpoint with --resume_from_checkpoint auto.", job)
+        return True
+    log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
+    return False
+
+
+def run_info(config, trainer, trainable: int, total: int, targets) -> dict:
+    import peft
+    import transformers
+
+    args = trainer.args
+    return {
+        "world_size": args.world_size,
+        "process_index": args.process_index,
+        "device": str(args.device),
+        "distributed": str(args.parallel_mode),
+        "ddp_backend": args.ddp_backend,
+        "deepspeed": bool(args.deepspeed),
+        "quant_method": config.quant_method,
+        "compute_dtype": str(config.compute_dtype).replace("torch.", ""),
+        "fp16": args.fp16,
+        "bf16": args.bf16,
+        "use_lora": config.lora.use_lora,
+        "lora_target_modules": targets,
+        "trainable_params": trainable,
+        "total_params": total,
+        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "host": platform.node(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+
+
+def save_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)

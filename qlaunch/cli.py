@@ -32,7 +32,8 @@ def prepare(argv=None):
     return build_config(namespace)
 
 
-def run(config) -> int:
+def fit(config):
+    """Load, train, save and report. Returns the Trainer (None for --dry_run)."""
     from qlaunch import model as modeling
     from qlaunch.data.dataset import build_dataset
     from qlaunch.report import write_report
@@ -44,7 +45,7 @@ def run(config) -> int:
     for warning in config.warnings:
         log.warning(warning)
 
-    tokenizer = modeling.load_tokenizer(margs.model_name_or_path, margs.trust_remote_code, targs.model_max_length)
+    tokenizer = modeling.load_tokenizer(margs.model_name_or_path, margs.trust_remote_code)
     data_kwargs = dict(
         max_length=targs.model_max_length,
         system_message=dargs.system_message,
@@ -58,7 +59,7 @@ def run(config) -> int:
 
     if targs.dry_run:
         log.info("--dry_run: configuration and data are valid; exiting before loading the model.")
-        return 0
+        return None
 
     model = modeling.load_base_model(
         margs, largs, config.quant_method, config.compute_dtype,
@@ -82,15 +83,16 @@ def run(config) -> int:
     resume = resolve_resume(targs.resume_from_checkpoint, targs.output_dir)
     result = trainer.train(resume_from_checkpoint=resume)
 
+    trainer.qlaunch_result = result
     guard, preemption = trainer.qlaunch_guard, trainer.qlaunch_preemption
     if guard.bad_step is not None:
         log.error(guard.message())
-        return 1
+        return trainer
     if preemption.received:
         log.warning("Stopped by %s at step %s; checkpoint saved in %s.",
                     preemption.received, preemption.stopped_at_step, targs.output_dir)
         requeue_if_slurm()
-        return 0
+        return trainer
 
     trainer.save_model(targs.output_dir)  # adapter only for LoRA (gathered under ZeRO-3), + tokenizer
     metrics = dict(result.metrics)
@@ -103,6 +105,14 @@ def run(config) -> int:
         write_report(targs.output_dir, metrics, trainer.state.log_history, title)
         log.info("Saved %s to %s (metrics.json, loss_curve.png, run_info.json)",
                  "adapter" if largs.use_lora else "model", targs.output_dir)
+    return trainer
+
+
+def run(config) -> int:
+    """Exit code of a run: 0 done (or preempted and checkpointed), 1 non-finite loss."""
+    trainer = fit(config)
+    if trainer is not None and trainer.qlaunch_guard.bad_step is not None:
+        return 1
     return 0
 
 

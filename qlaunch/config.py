@@ -141,6 +141,8 @@ def make_parser() -> transformers.HfArgumentParser:
     )
     for old, new in LEGACY_ALIASES.items():
         parser.add_argument(f"--{old}", dest=new, help=argparse.SUPPRESS)
+    # transformers 5 folded warmup_ratio into warmup_steps (a value below 1 is a ratio).
+    parser.add_argument("--warmup_ratio", type=float, default=None, help=argparse.SUPPRESS)
     return parser
 
 

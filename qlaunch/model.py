@@ -72,10 +72,8 @@ def require_library(quant_method: str | None) -> str | None:
     return None
 
 
-def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False, model_max_length: int | None = None):
+def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False):
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    if model_max_length:
-        tokenizer.model_max_length = model_max_length
     template = ensure_chat_template(tokenizer)
     if template == "chatml":
         log.info("Tokenizer has no chat template: using ChatML (<|im_start|>role ... <|im_end|>).")

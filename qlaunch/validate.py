@@ -67,6 +67,11 @@ def _check_values(ns: argparse.Namespace, problems: list[str]) -> None:
         problems.append(f"--lora_dropout {ns.lora_dropout}: must be in [0, 1).")
     if ns.model_max_length < 8:
         problems.append(f"--model_max_length {ns.model_max_length}: must be at least 8 tokens.")
+    if ns.warmup_ratio is not None:
+        if not 0 <= ns.warmup_ratio < 1:
+            problems.append(f"--warmup_ratio {ns.warmup_ratio}: must be in [0, 1); use --warmup_steps N for steps.")
+        else:
+            ns.warmup_steps = ns.warmup_ratio
     if ns.lazy_preprocess and ns.truncation == "drop":
         problems.append(
             "--truncation drop needs every sample tokenized up front: remove --lazy_preprocess "

@@ -80,8 +80,6 @@ def build_dataset(
             items.append(item)
     log.info("%s: %s", path, stats.summary(max_length))
     if not items:
-        raise UsageError(
-            f"{path}: every sample was dropped ({stats.summary(max_length)}). "
-            "Raise --model_max_length or use --truncation truncate."
-        )
+        fix = "Raise --model_max_length" + (" or use --truncation truncate." if truncation == "drop" else ".")
+        raise UsageError(f"{path}: every sample was dropped ({stats.summary(max_length)}). {fix}")
     return TokenizedDataset(items, stats)

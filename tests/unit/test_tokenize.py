@@ -1,0 +1,130 @@
+"""Token-by-token label masks: only assistant content and its end-of-turn token are trained."""
+import copy
+
+import pytest
+import torch
+
+from qlaunch.data.formats import to_messages
+from qlaunch.data.tokenize import IGNORE_INDEX, TokenizeStats, tokenize_messages
+from qlaunch.train import make_collator
+
+SYS = "You are a helpful assistant."
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def expected_chatml(tok, turns):
+    """Build input_ids/labels by hand from ChatML pieces: (role, content) list."""
+    input_ids, labels = [], []
+    for role, content in turns:
+        head = ids(tok, f"<|im_start|>{role}\n")
+        if role == "assistant":
+            body = ids(tok, content) + ids(tok, "<|im_end|>")
+            tail = ids(tok, "\n")
+            input_ids += head + body + tail
+            labels += [IGNORE_INDEX] * len(head) + body + [IGNORE_INDEX] * len(tail)
+        else:
+            piece = ids(tok, f"<|im_start|>{role}\n{content}<|im_end|>\n")
+            input_ids += piece
+            labels += [IGNORE_INDEX] * len(piece)
+    return input_ids, labels
+
+
+def trained_text(tok, item):
+    return tok.decode([t for t in item["labels"] if t != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"id": "q", "conversations": [{"from": "user", "value": "Opposite of hot?"},
+                                      {"from": "assistant", "value": "The opposite of hot is cold."}]},
+        {"messages": [{"role": "user", "content": "Opposite of hot?"},
+                      {"role": "assistant", "content": "The opposite of hot is cold."}]},
+        {"instruction": "Opposite of hot?", "output": "The opposite of hot is cold."},
+    ],
+    ids=["qwen", "openai", "alpaca"],
+)
+def test_single_turn_mask_each_format(tokenizer, record):
+    messages = to_messages(record, SYS)
+    item = tokenize_messages(tokenizer, messages, 512)
+    exp_ids, exp_labels = expected_chatml(
+        tokenizer, [("system", SYS), ("user", "Opposite of hot?"), ("assistant", "The opposite of hot is cold.")]
+    )
+    assert item["input_ids"] == exp_ids
+    assert item["labels"] == exp_labels
+    assert trained_text(tokenizer, item) == "The opposite of hot is cold.<|im_end|>"
+    # the newline after <|im_end|> is the last token and is not trained
+    assert item["labels"][-1] == IGNORE_INDEX and item["labels"][-2] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_multi_turn_with_system_turn(tokenizer):
+    turns = [("system", "Be brief."), ("user", "Opposite of up?"), ("assistant", "down"),
+             ("user", "And of big?"), ("assistant", "small")]
+    record = {"conversations": [{"from": r, "value": c} for r, c in turns]}
+    item = tokenize_messages(tokenizer, to_messages(record, SYS), 512)
+    exp_ids, exp_labels = expected_chatml(tokenizer, turns)
+    assert item["input_ids"] == exp_ids
+    assert item["labels"] == exp_labels
+    assert trained_text(tokenizer, item) == "down<|im_end|>small<|im_end|>"
+
+
+def test_pad_equals_eos_keeps_eos_label_and_masks_padding(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = tok.eos_token  # pad == eos == <|im_end|>
+    eos = tok.eos_token_id
+    short = tokenize_messages(tok, to_messages({"instruction": "Opposite of up?", "output": "down"}, SYS), 512)
+    long = tokenize_messages(tok, to_messages({"instruction": "Opposite of up?", "output": "down down down"}, SYS), 512)
+    batch = make_collator(tok, on_gpu=False)([short, long])
+    n = len(short["input_ids"])
+    assert batch["input_ids"].shape[1] == len(long["input_ids"])  # padded to the batch's longest only
+    assert torch.all(batch["labels"][0, n:] == IGNORE_INDEX)  # padding is never a label
+    assert torch.all(batch["attention_mask"][0, n:] == 0)
+    assert torch.all(batch["input_ids"][0, n:] == eos)
+    # yet the real end-of-turn token (same id) is trained
+    assert batch["labels"][0, n - 2].item() == eos
+    assert (batch["labels"][0] == eos).sum().item() == 1
+
+
+def test_truncate_keeps_prefix_and_counts(tokenizer):
+    messages = to_messages({"instruction": "Opposite of hot?", "output": "The opposite of hot is cold."}, SYS)
+    full = tokenize_messages(tokenizer, messages, 512)
+    stats = TokenizeStats()
+    cut = tokenize_messages(tokenizer, messages, len(full["input_ids"]) - 3, "truncate", stats)
+    assert cut["input_ids"] == full["input_ids"][:-3]
+    assert cut["labels"] == full["labels"][:-3]
+    assert (stats.truncated, stats.dropped) == (1, 0)
+
+
+def test_drop_mode_and_truncation_that_removes_all_labels(tokenizer):
+    messages = to_messages({"instruction": "Opposite of hot?", "output": "cold"}, SYS)
+    stats = TokenizeStats()
+    assert tokenize_messages(tokenizer, messages, 10, "drop", stats) is None
+    assert tokenize_messages(tokenizer, messages, 10, "truncate", stats) is None  # prompt alone > 10 tokens
+    assert stats.dropped == 2 and stats.truncated == 1
+    assert "2 dropped" in stats.summary(10)
+
+
+def test_other_template_llama3_style(tokenizer):
+    """A template with headers and <|eot_id|>: the header is not trained, <|eot_id|> is."""
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tok.chat_template = (
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+        "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    )
+    item = tokenize_messages(tok, to_messages({"instruction": "Opposite of up?", "output": "down"}, ""), 512)
+    assert trained_text(tok, item) == "down<|eot_id|>"
+    assert item["labels"][-1] == tok.convert_tokens_to_ids("<|eot_id|>")
+
+
+def test_template_without_end_token_trains_whole_turn(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    item = tokenize_messages(tok, to_messages({"instruction": "Opposite of up?", "output": "down"}, ""), 512)
+    assert trained_text(tok, item) == "down\n"

@@ -70,16 +70,41 @@ def evaluate(model, tokenizer, samples, limit: int | None = None) -> dict:
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), "exact_match": em, "samples": rows}
 
 
+def compare(before_path: str, after_path: str) -> str:
+    """A before/after table of two --json results."""
+    with open(before_path) as f:
+        before = json.load(f)
+    with open(after_path) as f:
+        after = json.load(f)
+    n = len(after["samples"])
+    lines = [
+        f"{'':24}{'before':>12}{'after':>12}",
+        f"{'eval loss':24}{before['eval_loss']:>12.4f}{after['eval_loss']:>12.4f}",
+        f"{'exact match (held-out)':24}{before['exact_match']:>12.1%}{after['exact_match']:>12.1%}   ({n} samples)",
+    ]
+    verdict = "learned" if after["eval_loss"] < before["eval_loss"] and after["exact_match"] > before["exact_match"] \
+        else "did NOT improve"
+    lines.append(f"The fine-tuned adapter {verdict}.")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qlaunch.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", help="base model (default: the adapter's base)")
     parser.add_argument("--adapter", help="adapter directory (a LoRA run's output_dir)")
-    parser.add_argument("--data", required=True, help="held-out samples (.json / .jsonl, any supported format)")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE.json", "AFTER.json"),
+                        help="print a before/after table of two --json results and exit")
+    parser.add_argument("--data", help="held-out samples (.json / .jsonl, any supported format)")
     parser.add_argument("--limit", type=int, default=None, help="generate for at most this many samples")
     parser.add_argument("--system_message", default="You are a helpful assistant.")
     parser.add_argument("--json", help="also write the result here")
     parser.add_argument("--show", type=int, default=3, help="print this many sample replies")
     args = parser.parse_args(argv)
+    if args.compare:
+        print(compare(*args.compare))
+        return
+    if not args.data:
+        parser.error("--data is required")
     try:
         from qlaunch.adapters import load_for_inference
 

@@ -1,0 +1,84 @@
+"""Chat with a base model plus a trained adapter, loaded the way it was trained.
+
+    python -m qlaunch.chat --adapter OUT [--base MODEL] [--prompt "Opposite of hot?"]
+
+Without --prompt it is interactive (empty line or Ctrl-D quits, /reset clears the history).
+Tokens are streamed as they are generated.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from qlaunch.errors import UsageError
+
+
+def reply(model, tokenizer, messages, *, max_new_tokens: int, temperature: float, stream: bool) -> str:
+    from transformers import TextStreamer
+
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    device = next(model.parameters()).device
+    inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+            **sampling,
+        )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qlaunch.chat", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapter", help="adapter directory (a LoRA / Q-LoRA run's output_dir)")
+    parser.add_argument("--base", help="base model (default: the one recorded in the adapter)")
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "nf4", "fp4", "gptq"],
+                        help="how to load the base (auto: as the adapter was trained)")
+    parser.add_argument("--prompt", help="answer this one prompt and exit")
+    parser.add_argument("--system", default="You are a helpful assistant.", help="system prompt ('' for none)")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = make_parser().parse_args(argv)
+    try:
+        from qlaunch.adapters import load_for_inference
+
+        model, tokenizer = load_for_inference(args.base, args.adapter, args.quantization)
+    except UsageError as e:
+        print(e.render("qlaunch.chat"), file=sys.stderr)
+        sys.exit(2)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "stream": True}
+    if args.prompt is not None:
+        reply(model, tokenizer, system + [{"role": "user", "content": args.prompt}], **kwargs)
+        return
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        if interactive:
+            print("assistant> ", end="", flush=True)
+        history.append({"role": "assistant", "content": reply(model, tokenizer, system + history, **kwargs)})
+
+
+if __name__ == "__main__":
+    main()

@@ -78,6 +78,13 @@ def fit(config):
 
     trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset)
     info = run_info(config, trainer, trainable, total, targets)
+    if config.quant_method in ("nf4", "fp4"):
+        from qlaunch.footprint import quantized_storage
+
+        info["quantized_storage"] = storage = quantized_storage(model)
+        log.info("%s base: %d 4-bit layers, %.3f stored bits/param (weights + quantization state; "
+                 "the fixed per-tensor state dominates on small layers)",
+                 config.quant_method.upper(), storage["layers"], storage["bits_per_param"])
     log.info("World size %d (%s), device %s", info["world_size"], info["distributed"], info["device"])
 
     resume = resolve_resume(targs.resume_from_checkpoint, targs.output_dir)

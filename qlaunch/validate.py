@@ -6,6 +6,7 @@ TrainingArguments object is built, because its constructor rejects e.g. --bf16 o
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 
@@ -85,6 +86,29 @@ def _check_values(ns: argparse.Namespace, problems: list[str]) -> None:
         problems.append(f"--quantization {ns.quantization} has no effect without --q_lora.")
 
 
+def deepspeed_config_warnings(ds) -> list[str]:
+    """A DeepSpeed JSON's scheduler/optimizer blocks silently replace the user's flags: say so."""
+    if isinstance(ds, str) and os.path.isfile(ds):
+        try:
+            with open(ds) as f:
+                ds = json.load(f)
+        except (OSError, ValueError):
+            return []
+    if not isinstance(ds, dict):
+        return []
+    warnings = []
+    if "scheduler" in ds:
+        kind = ds["scheduler"].get("type", "?") if isinstance(ds["scheduler"], dict) else "?"
+        warnings.append(
+            f"the DeepSpeed config has a scheduler block ({kind}): it overrides --lr_scheduler_type and "
+            "--warmup_steps. Remove the block (as in ds_configs/) to use your flags."
+        )
+    if "optimizer" in ds:
+        kind = ds["optimizer"].get("type", "?") if isinstance(ds["optimizer"], dict) else "?"
+        warnings.append(f"the DeepSpeed config has an optimizer block ({kind}): it overrides --optim.")
+    return warnings
+
+
 def validate_args(ns: argparse.Namespace, *, cuda: bool | None = None) -> list[str]:
     """Check everything, adjust machine-dependent settings in place, return all problems.
 
@@ -121,6 +145,8 @@ def validate_args(ns: argparse.Namespace, *, cuda: bool | None = None) -> list[s
     ns.notes += precision.notes
     ns.warnings = list(precision.warnings)
     ns.fp16, ns.bf16, ns.compute_dtype = precision.fp16, precision.bf16, precision.compute_dtype
+    if ns.deepspeed:
+        ns.warnings += deepspeed_config_warnings(ns.deepspeed)
 
     if not cuda:
         ns.use_cpu = True  # without it, torchrun workers train independent world-size-1 copies

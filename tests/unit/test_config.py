@@ -91,3 +91,30 @@ def test_lora_only_flags_without_lora(demo):
     problems = validate_args(ns, cuda=False)
     assert any("--lora_weight_path: no adapter_config.json" in p for p in problems)
     assert any("--lora_weight_path has no effect without --use_lora" in p for p in problems)
+
+
+def test_deepspeed_scheduler_block_is_warned_about(demo, tmp_path):
+    import json
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+                              "scheduler": {"type": "WarmupLR", "params": {}}}))
+    ns = parse_namespace(base_args(demo, "--use_lora", "--deepspeed", str(ds), "--lr_scheduler_type", "cosine"))
+    assert validate_args(ns, cuda=False) == []
+    assert any("scheduler block (WarmupLR): it overrides --lr_scheduler_type" in w for w in ns.warnings)
+
+
+def test_shipped_deepspeed_configs_have_no_scheduler_or_optimizer():
+    import glob
+    import json
+    import os
+
+    from tests.conftest import REPO
+
+    paths = glob.glob(os.path.join(REPO, "ds_configs", "*.json"))
+    assert len(paths) == 4
+    for path in paths:
+        config = json.load(open(path))
+        assert "scheduler" not in config, path
+        if "offload" not in path:
+            assert "optimizer" not in config, path

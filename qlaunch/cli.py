@@ -58,6 +58,11 @@ def fit(config):
         eval_dataset = build_dataset(dargs.eval_data_path, tokenizer, **data_kwargs) if dargs.eval_data_path else None
 
     if targs.dry_run:
+        import yaml
+
+        effective = {"quant_method": config.quant_method, "compute_dtype": str(config.compute_dtype)}
+        effective.update(config.non_default())
+        log.info("Effective configuration (non-default values):\n%s", yaml.safe_dump(effective, sort_keys=True))
         log.info("--dry_run: configuration and data are valid; exiting before loading the model.")
         return None
 

@@ -7,6 +7,7 @@ Field names are Qwen finetune.py's (``model_name_or_path``, ``data_path``, ``use
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import sys
@@ -122,6 +123,22 @@ class Config:
     compute_dtype: Any = None
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    def non_default(self) -> dict[str, Any]:
+        """The settings that differ from the defaults: what this run actually chose."""
+        out: dict[str, Any] = {}
+        for part in (self.model, self.data, self.lora, self.training):
+            for f in dataclasses.fields(part):
+                if not f.init or f.name in ("logging_dir", "accelerator_config"):
+                    continue
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                value = getattr(part, f.name)
+                plain = getattr(value, "value", value)
+                if plain == getattr(default, "value", default) or plain in ([], {}):
+                    continue
+                simple = isinstance(plain, (str, int, float, bool, list, dict, type(None)))
+                out[f.name] = copy.deepcopy(plain) if simple else str(plain)
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -32,7 +32,7 @@ def prepare(argv=None):
     return build_config(namespace)
 
 
-def fit(config):
+def fit(config, extra_callbacks=()):
     """Load, train, save and report. Returns the Trainer (None for --dry_run)."""
     from qlaunch import model as modeling
     from qlaunch.data.dataset import build_dataset
@@ -66,6 +66,10 @@ def fit(config):
         log.info("--dry_run: configuration and data are valid; exiting before loading the model.")
         return None
 
+    # Seed before the model exists: LoRA's A matrices are drawn at attach time, before the Trainer seeds.
+    from transformers import set_seed
+
+    set_seed(targs.seed)
     model = modeling.load_base_model(
         margs, largs, config.quant_method, config.compute_dtype,
         use_cpu=targs.use_cpu, deepspeed=bool(targs.deepspeed),
@@ -81,7 +85,7 @@ def fit(config):
     trainable, total = modeling.count_parameters(model)
     log.info("Trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
 
-    trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset)
+    trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset, extra_callbacks)
     info = run_info(config, trainer, trainable, total, targets)
     if config.quant_method in ("nf4", "fp4"):
         from qlaunch.footprint import quantized_storage

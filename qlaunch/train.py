@@ -27,7 +27,7 @@ def make_collator(tokenizer, on_gpu: bool):
     )
 
 
-def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None):
+def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, extra_callbacks=()):
     args = config.training
     preemption = PreemptionCallback()
     guard = NonFiniteLossGuard()
@@ -38,7 +38,7 @@ def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None):
         eval_dataset=eval_dataset,
         data_collator=make_collator(tokenizer, on_gpu=not args.use_cpu and torch.cuda.is_available()),
         processing_class=tokenizer,
-        callbacks=[preemption, guard],
+        callbacks=[preemption, guard, *extra_callbacks],
     )
     trainer.qlaunch_preemption = preemption
     trainer.qlaunch_guard = guard

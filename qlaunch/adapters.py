@@ -68,7 +68,8 @@ def load_for_inference(
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype, "device_map": {"": 0 if cuda else "cpu"}}
-    qc = quantization_config(quant, dtype, lora_args)
+    # A GPTQ checkpoint's own quantization_config loads it with gptqmodel's fastest inference kernel.
+    qc = None if quant == "gptq" else quantization_config(quant, dtype, lora_args)
     if qc is not None:
         kwargs["quantization_config"] = qc
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)

@@ -126,6 +126,10 @@ def load_base_model(
         model_args.model_name_or_path, **{k: v for k, v in kwargs.items() if v is not None}
     )
     model.config.use_cache = False  # the KV cache is useless in training and breaks checkpointing
+    if quant_method == "gptq":
+        from qlaunch.gptq import pin_training_kernels
+
+        log.info("GPTQ base: %d quantized layers pinned to the trainable kernel path.", pin_training_kernels(model))
     return model
 
 

@@ -189,7 +189,13 @@ def make_gptq_checkpoint(
     if n_quantized == 0:
         raise ValueError(f"{src_dir}: found no linear weights under '*.layers.N.*' to quantize")
 
+    if os.path.abspath(out_dir) == os.path.abspath(src_dir):
+        raise ValueError("make_gptq_checkpoint: out_dir must differ from src_dir")
     os.makedirs(out_dir, exist_ok=True)
+    # A rebuild into an old directory must not leave stale weight shards that from_pretrained would pick up.
+    for name in os.listdir(out_dir):
+        if name.endswith(".safetensors") or name == "model.safetensors.index.json":
+            os.remove(os.path.join(out_dir, name))
     # Sorted keys and fixed metadata: safetensors then writes identical bytes on every run.
     out_tensors = {k: out_tensors[k].contiguous() for k in sorted(out_tensors)}
     save_file(out_tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
@@ -206,6 +212,7 @@ def make_gptq_checkpoint(
         "true_sequential": True,
         "checkpoint_format": "gptq",  # v1 on-disk format (zero points stored minus one)
         "format": "gptq",
+        "pack_dtype": "int32",
         "lm_head": False,
         "meta": {"quantizer": ["qlaunch.testing.gptq:rtn"]},
     }

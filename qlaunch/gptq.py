@@ -1,0 +1,46 @@
+"""GPTQ Int4 bases through GPT-QModel (gptqmodel), the maintained successor of auto-gptq.
+
+auto-gptq does not import with transformers 5 / peft 0.21 and cannot quantize without CUDA;
+transformers, optimum and peft load GPTQ checkpoints through gptqmodel now. Qwen's old
+`disable_exllama` / `use_exllama` switches no longer exist (transformers swallows them
+silently): the kernel is chosen with `backend=`.
+"""
+from __future__ import annotations
+
+# gptqmodel picks a kernel that supports backward ("trainable"): on CUDA a Triton/Torch kernel
+# (the ExLlama/Marlin inference kernels have no backward), on CPU the Torch kernels.
+TRAINABLE_BACKEND = "auto_trainable"
+
+
+def gptq_training_config():
+    """Loading attributes for a GPTQ checkpoint that LoRA will train on.
+
+    For a checkpoint that already carries a quantization_config, transformers keeps its
+    bits / group_size / desc_act and takes only the loading attributes (backend) from here.
+    """
+    from transformers import GPTQConfig
+
+    return GPTQConfig(bits=4, backend=TRAINABLE_BACKEND)
+
+
+def pin_training_kernels(model) -> int:
+    """Keep gptqmodel's CPU kernels on their differentiable dequantize + matmul path.
+
+    gptqmodel's Torch kernels (TorchAtenLinear / TorchFusedLinear) fix their mode on the
+    first forward: a first forward under no_grad in eval mode repacks the weights one-way
+    for inference, after which LoRA gradients through them are wrong. Call this right after
+    loading, before any forward. Returns how many layers were pinned.
+    """
+    pinned = 0
+    for name, module in model.named_modules():
+        if not (hasattr(module, "qweight") and hasattr(module, "linear_mode")):
+            continue
+        mode = getattr(module.linear_mode, "value", module.linear_mode)
+        if mode == "inference":
+            raise RuntimeError(
+                f"{name}: this GPTQ layer was already repacked for no-grad inference by an earlier eval "
+                "forward; reload the model and train before running any no-grad forward."
+            )
+        module.linear_mode = "train"
+        pinned += 1
+    return pinned

@@ -1,0 +1,138 @@
+"""GPTQ Int4 Q-LoRA through gptqmodel, end to end on CPU, on a tiny GPTQ v1 checkpoint made locally."""
+import json
+import os
+
+import pytest
+import torch
+
+gptqmodel = pytest.importorskip("gptqmodel", reason="GPTQ tests need gptqmodel: pip install 'qlaunch[gptq]'")
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+from qlaunch.cli import fit, prepare  # noqa: E402
+from qlaunch.errors import UsageError  # noqa: E402
+
+pytestmark = pytest.mark.gptq
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def gptq_model(demo, tmp_path_factory):
+    from qlaunch.testing.gptq import make_gptq_checkpoint
+
+    return make_gptq_checkpoint(demo["model"], str(tmp_path_factory.mktemp("gptq") / "model"))
+
+
+def run_args(model, demo, out, *extra):
+    return ["--model_name_or_path", model, "--data_path", demo["train"], "--output_dir", str(out), "--q_lora",
+            "--max_steps", "30", "--learning_rate", "3e-3", "--per_device_train_batch_size", "8", "--logging_steps",
+            "1", "--save_strategy", "no", "--report_to", "none", "--model_max_length", "128", "--lora_r", "8",
+            "--lora_alpha", "16", "--lora_dropout", "0", "--disable_tqdm", "True", "--seed", "5", *extra]
+
+
+@pytest.fixture(scope="module")
+def gptq_run(gptq_model, demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gptq_run")
+    return fit(prepare(run_args(gptq_model, demo, out))), out
+
+
+def test_auto_detects_gptq_from_the_checkpoint(gptq_model, demo, tmp_path):
+    config = prepare(run_args(gptq_model, demo, tmp_path))
+    assert config.quant_method == "gptq"
+
+
+def test_lora_trains_on_gptq_quant_linear(gptq_run):
+    trainer, out = gptq_run
+    base = trainer.model.base_model.model
+    layers = [m for n, m in base.named_modules() if n.endswith(PROJECTIONS)]
+    assert len(layers) == 14
+    for layer in layers:
+        inner = layer.base_layer
+        assert type(inner).__module__.startswith("gptqmodel")
+        assert inner.qweight.dtype == torch.int32
+    assert all("lora_" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert json.loads((out / "run_info.json").read_text())["quant_method"] == "gptq"
+
+
+def test_adapter_reload_on_fresh_gptq_base_reproduces_logits(gptq_run, gptq_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlaunch.gptq import gptq_training_config, pin_training_kernels
+
+    trainer, out = gptq_run
+    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    trainer.model.eval()
+    with torch.no_grad():
+        trained = trainer.model(input_ids=ids).logits
+    fresh = AutoModelForCausalLM.from_pretrained(gptq_model, quantization_config=gptq_training_config(),
+                                                 device_map={"": "cpu"}, dtype=torch.float32)
+    pin_training_kernels(fresh)
+    reloaded = PeftModel.from_pretrained(fresh, str(out)).eval()
+    with torch.no_grad():
+        diff = (reloaded(input_ids=ids).logits - trained).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_no_grad_eval_probe_before_training_is_guarded(gptq_model):
+    """STACK trap: a no-grad eval forward repacks the kernel for inference; we refuse to train on it."""
+    from transformers import AutoModelForCausalLM
+
+    from qlaunch.gptq import gptq_training_config, pin_training_kernels
+
+    probe = AutoModelForCausalLM.from_pretrained(gptq_model, quantization_config=gptq_training_config(),
+                                                 device_map={"": "cpu"}, dtype=torch.float32).eval()
+    with torch.no_grad():
+        probe(input_ids=torch.tensor([[5, 6, 7]]))
+    with pytest.raises(RuntimeError, match="repacked for no-grad inference"):
+        pin_training_kernels(probe)
+
+
+def test_pinned_model_still_has_gradients_after_an_eval_forward(gptq_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlaunch.gptq import gptq_training_config, pin_training_kernels
+
+    model = AutoModelForCausalLM.from_pretrained(gptq_model, quantization_config=gptq_training_config(),
+                                                 device_map={"": "cpu"}, dtype=torch.float32)
+    pin_training_kernels(model)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=list(PROJECTIONS), lora_dropout=0.0))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # an eval probe after pinning
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    # lora_B starts at zero, so A's gradient is zero; B's must not be
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_gptq_refuses_trainable_embeddings(gptq_model, demo, tmp_path):
+    with pytest.raises(UsageError, match="GPTQ Int4 Q-LoRA cannot train embeddings or lm_head"):
+        prepare(run_args(gptq_model, demo, tmp_path, "--lora_modules_to_save", "embed_tokens", "lm_head"))
+
+
+def test_gptq_checkpoint_without_q_lora_and_nf4_on_gptq(gptq_model, demo, tmp_path):
+    with pytest.raises(UsageError, match="pass --q_lora"):
+        prepare(["--model_name_or_path", gptq_model, "--data_path", demo["train"], "--use_lora"])
+    with pytest.raises(UsageError, match="already GPTQ-quantized"):
+        prepare(run_args(gptq_model, demo, tmp_path, "--quantization", "nf4"))
+
+
+def test_gptq_flag_on_plain_checkpoint(demo, tmp_path):
+    with pytest.raises(UsageError, match="has no GPTQ quantization_config"):
+        prepare(run_args(demo["model"], demo, tmp_path, "--quantization", "gptq"))
+
+
+def test_chat_on_gptq_adapter(gptq_run):
+    from qlaunch.adapters import load_for_inference
+    from qlaunch.evaluate import generate_reply
+
+    _, out = gptq_run
+    model, tokenizer = load_for_inference(adapter=str(out))
+    assert any(type(m).__module__.startswith("gptqmodel") for m in model.modules())
+    assert generate_reply(model, tokenizer, [{"role": "user", "content": "Opposite of up?"}], 8)

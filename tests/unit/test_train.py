@@ -132,3 +132,15 @@ def test_nf4_qlora_trains(demo, tmp_path):
     history = losses(trainer)
     assert sum(history[-5:]) / 5 < 0.7 * sum(history[:5]) / 5
     assert json.loads((tmp_path / "run_info.json").read_text())["quant_method"] == "nf4"
+
+
+def test_fp4_and_modules_to_save(demo, tmp_path):
+    """--quantization fp4 really stores FP4; --lora_modules_to_save trains and saves lm_head in full."""
+    import bitsandbytes as bnb
+
+    trainer = train(demo, tmp_path, "--q_lora", "--quantization", "fp4", "--max_steps", "3",
+                    "--lora_modules_to_save", "lm_head")
+    layers = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.quant_state.quant_type == "fp4" for m in layers)
+    adapter = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert any("lm_head" in k and "lora_" not in k for k in adapter)

@@ -32,6 +32,11 @@ def prepare(argv=None):
     return build_config(namespace)
 
 
+def is_zero3(training_args) -> bool:
+    plugin = getattr(training_args, "hf_deepspeed_config", None)
+    return bool(plugin and plugin.is_zero3())
+
+
 def fit(config, extra_callbacks=()):
     """Load, train, save and report. Returns the Trainer (None for --dry_run)."""
     from qlaunch import model as modeling
@@ -72,7 +77,7 @@ def fit(config, extra_callbacks=()):
     set_seed(targs.seed)
     model = modeling.load_base_model(
         margs, largs, config.quant_method, config.compute_dtype,
-        use_cpu=targs.use_cpu, deepspeed=bool(targs.deepspeed),
+        use_cpu=targs.use_cpu, zero3=is_zero3(targs),
     )
     targets = None
     if largs.use_lora:

@@ -65,10 +65,13 @@ def resolve_quant_method(q_lora: bool, quantization: str, checkpoint_method: str
 
 
 def require_library(quant_method: str | None) -> str | None:
-    """A problem message when the library a quantization needs is not installed."""
-    package = {"nf4": "bitsandbytes", "fp4": "bitsandbytes", "gptq": "gptqmodel"}.get(quant_method or "")
-    if package and importlib.util.find_spec(package) is None:
-        return f"--q_lora with {quant_method} needs {package}, which is not installed: {INSTALL_HINT[package]}"
+    """A problem message when a library the quantization needs is not installed."""
+    # GPTQ loading goes through optimum too; without gptqmodel it fails deep inside optimum (NameError).
+    packages = {"nf4": ["bitsandbytes"], "fp4": ["bitsandbytes"], "gptq": ["gptqmodel", "optimum"]}
+    missing = [p for p in packages.get(quant_method or "", []) if importlib.util.find_spec(p) is None]
+    if missing:
+        hint = INSTALL_HINT["gptqmodel" if quant_method == "gptq" else "bitsandbytes"]
+        return f"--q_lora with {quant_method} needs {' and '.join(missing)}, not installed: {hint}"
     return None
 
 
@@ -102,9 +105,11 @@ def quantization_config(quant_method: str | None, compute_dtype: torch.dtype, lo
     return None
 
 
-def device_map_for(quant_method: str | None, use_cpu: bool, deepspeed: bool):
-    """Quantized weights must be placed at load time; each DDP rank puts its copy on its own GPU."""
-    if quant_method is None or deepspeed:
+def device_map_for(quant_method: str | None, use_cpu: bool, zero3: bool):
+    """Quantized weights are placed at load time (the kernel is chosen for that device): each
+    DDP / ZeRO-2 rank puts its copy on its own GPU. Full-precision bases and ZeRO-3 (which
+    partitions weights itself) load without a device map."""
+    if quant_method is None or zero3:
         return None
     if use_cpu or not torch.cuda.is_available():
         return {"": "cpu"}
@@ -112,13 +117,13 @@ def device_map_for(quant_method: str | None, use_cpu: bool, deepspeed: bool):
 
 
 def load_base_model(
-    model_args, lora_args, quant_method: str | None, compute_dtype: torch.dtype, *, use_cpu: bool, deepspeed: bool
+    model_args, lora_args, quant_method: str | None, compute_dtype: torch.dtype, *, use_cpu: bool, zero3: bool = False
 ) -> PreTrainedModel:
     kwargs = {
         "trust_remote_code": model_args.trust_remote_code,
         "dtype": compute_dtype,
         "quantization_config": quantization_config(quant_method, compute_dtype, lora_args),
-        "device_map": device_map_for(quant_method, use_cpu, deepspeed),
+        "device_map": device_map_for(quant_method, use_cpu, zero3),
     }
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation

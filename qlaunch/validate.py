@@ -120,6 +120,9 @@ def validate_args(ns: argparse.Namespace, *, cuda: bool | None = None) -> list[s
     if ns.q_lora and not ns.use_lora:
         ns.use_lora = True  # Q-LoRA is LoRA on a quantized base
     _check_paths(ns, problems)
+    if ns.model_name_or_path and os.path.isdir(os.path.expanduser(ns.model_name_or_path)):
+        # The adapter records this string as its base: make it work from any directory.
+        ns.model_name_or_path = os.path.abspath(os.path.expanduser(ns.model_name_or_path))
     _check_values(ns, problems)
 
     ns.quant_method = None

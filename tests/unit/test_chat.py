@@ -70,5 +70,5 @@ def test_q_lora_without_bitsandbytes_gives_install_command(demo, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     ns = parse_namespace(["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--q_lora"])
     problems = validate_args(ns, cuda=False)
-    assert problems == ["--q_lora with nf4 needs bitsandbytes, which is not installed: "
+    assert problems == ["--q_lora with nf4 needs bitsandbytes, not installed: "
                         "pip install 'qlaunch[bnb]'  (or: pip install 'bitsandbytes>=0.48')"]

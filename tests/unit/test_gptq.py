@@ -136,3 +136,23 @@ def test_chat_on_gptq_adapter(gptq_run):
     model, tokenizer = load_for_inference(adapter=str(out))
     assert any(type(m).__module__.startswith("gptqmodel") for m in model.modules())
     assert generate_reply(model, tokenizer, [{"role": "user", "content": "Opposite of up?"}], 8)
+
+
+def test_gptq_without_optimum_gives_install_command(gptq_model, demo, monkeypatch):
+    import importlib.util
+
+    from qlaunch.config import parse_namespace
+    from qlaunch.validate import validate_args
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optimum" else real(name, *a))
+    ns = parse_namespace(["--model_name_or_path", gptq_model, "--data_path", demo["train"], "--q_lora"])
+    assert validate_args(ns, cuda=False) == [
+        "--q_lora with gptq needs optimum, not installed: pip install 'qlaunch[gptq]'  (or: pip install "
+        "'gptqmodel>=7.6' optimum)"]
+
+
+def test_relative_model_path_is_recorded_absolute(demo, tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(demo["model"]))
+    config = prepare(["--model_name_or_path", "model", "--data_path", demo["train"], "--use_lora"])
+    assert config.model.model_name_or_path == demo["model"]

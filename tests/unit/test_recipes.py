@@ -30,7 +30,10 @@ def test_recipe_parses_and_validates(path, demo, tmp_path):
     config = prepare(args)
     values = yaml.safe_load(text)
     assert config.lora.use_lora == bool(values.get("use_lora") or values.get("q_lora"))
-    for key, value in values.items():  # every recipe value reaches the config unchanged
+    machine_dependent = {"fp16", "bf16"}  # resolved by the precision rules (fp32 on CPU)
+    for key, value in values.items():  # every other recipe value reaches the config unchanged
+        if key in machine_dependent:
+            continue
         part = next(p for p in (config.model, config.data, config.lora, config.training) if hasattr(p, key))
         got = getattr(part, key)
         assert getattr(got, "value", got) == value or key in ("lora_target_modules", "report_to"), key

@@ -86,15 +86,34 @@ def _check_values(ns: argparse.Namespace, problems: list[str]) -> None:
         problems.append(f"--quantization {ns.quantization} has no effect without --q_lora.")
 
 
+def read_deepspeed_config(ds) -> dict:
+    if isinstance(ds, str):
+        try:
+            if ds.lstrip().startswith("{"):
+                return json.loads(ds)
+            with open(ds) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+    return ds if isinstance(ds, dict) else {}
+
+
+def zero_stage(ds) -> int:
+    stage = read_deepspeed_config(ds).get("zero_optimization", {}).get("stage", 0)
+    return int(stage) if str(stage).isdigit() else 0
+
+
+GPTQ_ZERO3 = (
+    "--deepspeed with ZeRO-3 cannot shard a GPTQ Int4 base: its packed int32 weights are buffers that "
+    "ZeRO-3 does not partition, and gptqmodel kernels need them whole. Use ds_configs/zero2.json "
+    "(a 4-bit 7B base fits one GPU; ZeRO-2 shards the optimizer state and gradients)."
+)
+
+
 def deepspeed_config_warnings(ds) -> list[str]:
     """A DeepSpeed JSON's scheduler/optimizer blocks silently replace the user's flags: say so."""
-    if isinstance(ds, str) and os.path.isfile(ds):
-        try:
-            with open(ds) as f:
-                ds = json.load(f)
-        except (OSError, ValueError):
-            return []
-    if not isinstance(ds, dict):
+    ds = read_deepspeed_config(ds)
+    if not ds:
         return []
     warnings = []
     if "scheduler" in ds:
@@ -150,6 +169,15 @@ def validate_args(ns: argparse.Namespace, *, cuda: bool | None = None) -> list[s
     ns.fp16, ns.bf16, ns.compute_dtype = precision.fp16, precision.bf16, precision.compute_dtype
     if ns.deepspeed:
         ns.warnings += deepspeed_config_warnings(ns.deepspeed)
+        if zero_stage(ns.deepspeed) == 3:
+            if ns.quant_method == "gptq":
+                problems.append(GPTQ_ZERO3)
+            elif ns.quant_method in ("nf4", "fp4") and not ns.bnb_4bit_quant_storage:
+                # ZeRO-3 flattens and shards parameters of one dtype; packed 4-bit weights stored
+                # as the compute dtype can be sharded like the rest (transformers/peft's recipe).
+                ns.bnb_4bit_quant_storage = str(ns.compute_dtype).replace("torch.", "")
+                ns.notes.append(f"ZeRO-3 with {ns.quant_method.upper()}: 4-bit weights stored as "
+                                f"{ns.bnb_4bit_quant_storage} (--bnb_4bit_quant_storage) so ZeRO-3 can shard them.")
 
     if not cuda:
         ns.use_cpu = True  # without it, torchrun workers train independent world-size-1 copies

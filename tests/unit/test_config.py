@@ -118,3 +118,27 @@ def test_shipped_deepspeed_configs_have_no_scheduler_or_optimizer():
         assert "scheduler" not in config, path
         if "offload" not in path:
             assert "optimizer" not in config, path
+
+
+def test_zero3_with_nf4_stores_4bit_weights_in_compute_dtype(demo):
+    import os
+
+    from tests.conftest import REPO
+
+    config = prepare(base_args(demo, "--q_lora", "--deepspeed", os.path.join(REPO, "ds_configs", "zero3.json")))
+    assert config.lora.bnb_4bit_quant_storage == "float32"  # CPU compute dtype
+    assert any("ZeRO-3 with NF4" in n for n in config.notes)
+
+
+def test_zero3_with_gptq_is_refused_up_front(demo, tmp_path):
+    import os
+
+    pytest.importorskip("gptqmodel")
+    from qlaunch.testing.gptq import make_gptq_checkpoint
+    from tests.conftest import REPO
+
+    gptq = make_gptq_checkpoint(demo["model"], str(tmp_path / "gptq"))
+    ns = parse_namespace(["--model_name_or_path", gptq, "--data_path", demo["train"], "--q_lora", "--deepspeed",
+                          os.path.join(REPO, "ds_configs", "zero3.json")])
+    problems = validate_args(ns, cuda=False)
+    assert len(problems) == 1 and "ZeRO-3 cannot shard a GPTQ Int4 base" in problems[0]

@@ -58,6 +58,7 @@ test-integration: $(VENV)/.all
 
 bench: $(VENV)/.all
 	$(PY) bench/nf4_bits.py
+	$(PY) bench/padding.py
 
 clean:
 	rm -rf $(VENV) runs

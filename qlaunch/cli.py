@@ -68,6 +68,9 @@ def fit(config, extra_callbacks=()):
         effective = {"quant_method": config.quant_method, "compute_dtype": str(config.compute_dtype)}
         effective.update(config.non_default())
         log.info("Effective configuration (non-default values):\n%s", yaml.safe_dump(effective, sort_keys=True))
+        from qlaunch.plan import format_plan, memory_plan
+
+        log.info("%s", format_plan(memory_plan(config)))
         log.info("--dry_run: configuration and data are valid; exiting before loading the model.")
         return None
 

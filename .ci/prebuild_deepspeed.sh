@@ -33,6 +33,12 @@ if [ -z "$PY" ]; then
     else PY="$(command -v python3 || command -v python)"; fi
 fi
 
+# torch runs `ninja` from PATH. Use the interpreter's own bin dir first, like an activated
+# venv: the pip `ninja` (1.13) and Debian's /usr/bin/ninja (1.11) hash build commands
+# differently, so building with one and loading with the other recompiles every time.
+PATH="$(dirname "$PY"):$PATH"
+export PATH
+
 if [ "$#" -eq 0 ]; then
     set -- shm_comm cpu_adam
 fi

@@ -78,6 +78,12 @@ def fit(config, extra_callbacks=()):
     from transformers import set_seed
 
     set_seed(targs.seed)
+    if is_zero3(targs):
+        # from_pretrained under ZeRO-3 builds deepspeed.zero.Init, which reads the world size from
+        # DeepSpeed's comm layer: initialise it first, or it sees 1 process and rejects the batch size.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo" if targs.use_cpu else None)
     model = modeling.load_base_model(
         margs, largs, config.quant_method, config.compute_dtype,
         use_cpu=targs.use_cpu, zero3=is_zero3(targs),

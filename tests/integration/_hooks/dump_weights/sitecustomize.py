@@ -1,0 +1,79 @@
+"""Test-only hook (put this directory on PYTHONPATH): every rank dumps its trainable weights.
+
+When QLAUNCH_TEST_DUMP_DIR is set, `transformers.Trainer.save_model` is wrapped so that, after
+the normal save, each process writes {name: tensor} of its model's trainable parameters to
+$QLAUNCH_TEST_DUMP_DIR/rank{RANK}.pt. Under ZeRO-3 the partitioned parameters are gathered
+first (a collective: save_model runs on every rank). The tests compare the ranks' files to
+prove the processes really trained one model together.
+
+The wrap is installed lazily by an import hook on `transformers.trainer`, so processes that
+never import it (torchrun's agent, srun) pay nothing.
+"""
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+
+_TARGET = "transformers.trainer"
+
+
+def _dump(trainer) -> None:
+    import torch
+
+    out_dir = os.environ["QLAUNCH_TEST_DUMP_DIR"]
+    rank = int(os.environ.get("RANK", "0"))
+    model = trainer.model
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    gathered = [p for _, p in params if hasattr(p, "ds_id")]
+    if gathered:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(gathered, modifier_rank=None)
+    else:
+        import contextlib
+
+        ctx = contextlib.nullcontext()
+    with ctx:
+        state = {n: p.detach().to("cpu", copy=True).float() for n, p in params}
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save({"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "state": state},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _patch(module) -> None:
+    trainer_cls = module.Trainer
+    original = trainer_cls.save_model
+    if getattr(original, "_qlaunch_test_wrapped", False):
+        return
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        result = original(self, output_dir, _internal_call)
+        if not _internal_call:
+            _dump(self)
+        return result
+
+    save_model._qlaunch_test_wrapped = True
+    trainer_cls.save_model = save_model
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != _TARGET:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        original_exec = loader.exec_module
+
+        def exec_module(module):
+            original_exec(module)
+            _patch(module)
+
+        loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get("QLAUNCH_TEST_DUMP_DIR"):
+    sys.meta_path.insert(0, _Finder())
+

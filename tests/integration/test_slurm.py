@@ -1,0 +1,129 @@
+"""sbatch launch/*_slurm.sbatch on a real single-host SLURM (munge + slurmctld + slurmd on
+127.0.0.1, started by slurm_cluster.py), 2 CPU processes on the one node."""
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from launchkit import GLOBAL_BATCH, HOOKS, LAUNCH, TINY, Run, base_env, max_abs_diff
+from slurm_cluster import SlurmCluster, unavailable_reason, wait_job
+from test_torchrun import assert_ranks_identical
+
+pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.torchrun]
+
+STAMP = r"\[qlaunch \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\]"
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with SlurmCluster() as cluster:
+        yield cluster
+
+
+def sbatch(cluster: SlurmCluster, script: str, args: list[str], workdir, dump_dir, **env) -> str:
+    job_env = cluster.env(base_env(PYTHONPATH=HOOKS / "dump_weights", QLAUNCH_TEST_DUMP_DIR=dump_dir, **env))
+    r = cluster.run("sbatch", "--parsable", f"--chdir={workdir}", f"--output={workdir}/slurm-%j.out",
+                    str(LAUNCH / script), *args, env=job_env, check=False)
+    assert r.returncode == 0, f"sbatch failed: {r.stdout}\n{r.stderr}\n{cluster.logs()}"
+    return r.stdout.strip().split(";")[0]
+
+
+def test_sbatch_two_processes(slurm, launch_demo, runs_dir, ddp_run):
+    work = runs_dir / "slurm"
+    work.mkdir()
+    out, dump = work / "out", work / "ranks"
+    start = time.monotonic()
+    job = sbatch(slurm, "lora_slurm.sbatch",
+                 ["-m", str(launch_demo["model"]), "-d", str(launch_demo["data"]), "-o", str(out), "--", *TINY,
+                  "--per_device_train_batch_size", str(GLOBAL_BATCH // 2)],
+                 work, dump, NPROC_PER_NODE=2,
+                 # stale values from the submitting shell must not be used inside the allocation
+                 MASTER_ADDR="stale.invalid", MASTER_PORT=1, NNODES=7)
+    state = wait_job(slurm, job, timeout=600)
+    log = (work / f"slurm-{job}.out").read_text(errors="replace")
+    print(f"SLURM job {job}: {state} after {time.monotonic() - start:.1f} s")
+    assert state == "COMPLETED", f"job {job} {state}\n{log[-6000:]}\n{slurm.logs()}"
+    assert re.search(STAMP + rf" SLURM job {job} start: nodes=1 \(qlnode\) nproc_per_node=2 "
+                     r"rendezvous=127\.0\.0\.1:\d+", log), log[-3000:]
+    assert re.search(STAMP + rf" SLURM job {job} end: exit 0 after \d+ s", log), log[-3000:]
+    assert "--rdzv_backend=c10d" in log and f"--rdzv_id={job}" in log and "srun" in log
+
+    run = Run(cmd=["sbatch"], out=out, log=work / f"slurm-{job}.out", returncode=0, dump=dump)
+    info = run.run_info()
+    assert info["world_size"] == 2, info
+    assert_ranks_identical(run, 2)
+    diff = max_abs_diff(run.adapter(), ddp_run.adapter())
+    print(f"SLURM 2 procs vs torchrun DDP: max |adapter diff| = {diff:.3g}")
+    assert diff <= 1e-6
+    assert run.losses() == pytest.approx(ddp_run.losses(), rel=1e-5)
+
+
+def test_sbatch_help_and_bad_flag_outside_slurm():
+    import subprocess
+
+    for script in ("qlora_slurm.sbatch", "lora_slurm.sbatch"):
+        r = subprocess.run(["bash", str(LAUNCH / script), "-h"], capture_output=True, text=True, env=base_env())
+        assert r.returncode == 0 and "sbatch" in r.stdout
+        r = subprocess.run(["bash", str(LAUNCH / script), "-m", "m", "-d", "d"], capture_output=True, text=True,
+                           env=base_env())
+        assert r.returncode == 2 and "not inside a SLURM job" in r.stderr
+
+
+@pytest.mark.slow
+def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, launch_demo, runs_dir):
+    """SIGUSR1 to the job's steps (what --signal=USR1@120 sends before the time limit, here via
+    `scancel --signal=USR1`): torchrun ignores it, the workers checkpoint and stop, finetune.py
+    requeues the job, and the requeued run resumes from the checkpoint and finishes."""
+    work = runs_dir / "slurm_preempt"
+    work.mkdir()
+    out, dump = work / "out", work / "ranks"
+    steps = 300
+    args = [a for a in TINY]
+    args[args.index("--max_steps") + 1] = str(steps)
+    job = sbatch(slurm, "lora_slurm.sbatch",
+                 ["-m", str(launch_demo["model"]), "-d", str(launch_demo["data"]), "-o", str(out), "--", *args,
+                  "--per_device_train_batch_size", "1", "--logging_steps", "10"],
+                 work, dump, NPROC_PER_NODE=2)
+    log_path = work / f"slurm-{job}.out"
+    progress = re.compile(rf"\b(\d+)/{steps} \[")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        done = [int(m) for m in progress.findall(text)]
+        if done and max(done) >= 5:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"training did not start\n{text[-4000:]}")
+    r = slurm.run("scancel", "--signal=USR1", job, check=False)
+    assert r.returncode == 0, r.stderr
+    # Slurm holds a requeued job back (BeginTime ~2 min later); release it as soon as it is pending.
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        r = slurm.run("scontrol", "show", "job", "-o", job, check=False)
+        if "JobState=PENDING" in r.stdout and "Restarts=1" in r.stdout:
+            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+            break
+        if "JobState=COMPLETED" in r.stdout or "JobState=FAILED" in r.stdout:
+            break
+        time.sleep(0.5)
+    state = wait_job(slurm, job, timeout=900)
+    log = log_path.read_text(errors="replace")
+    assert state == "COMPLETED", f"job {job} {state}\n{log[-6000:]}"
+    assert re.search(STAMP + rf" SLURM job {job}: SIGTERM after \d+ s", log), log[-4000:]
+    assert "SIGUSR1 received" in log or "USR1" in log, log[-4000:]
+    assert re.search(rf"SLURM job {job} start: .* restart=1", log), log[-4000:]
+    assert "--resume_from_checkpoint auto" in log
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert checkpoints, f"no checkpoint in {out}"
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 0 < stopped_at < steps
+    assert re.search(r"Resuming from .*checkpoint-\d+", log), log[-4000:]
+    run = Run(cmd=["sbatch"], out=out, log=log_path, returncode=0, dump=dump)
+    assert run.run_info()["world_size"] == 2
+    assert run.adapter()

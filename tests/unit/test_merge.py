@@ -1,0 +1,64 @@
+"""Merging into the dequantized 4-bit weights reproduces the trained Q-LoRA model."""
+import os
+
+import pytest
+import torch
+
+from qlaunch.cli import fit, prepare
+
+FAST = ["--max_steps", "15", "--learning_rate", "3e-3", "--per_device_train_batch_size", "8", "--save_strategy",
+        "no", "--report_to", "none", "--model_max_length", "64", "--lora_r", "8", "--lora_dropout", "0",
+        "--disable_tqdm", "True"]
+
+
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "gptq"])
+def test_merged_model_matches_trained_adapter(kind, demo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qlaunch.merge import merge
+
+    model_path = demo["model"]
+    if kind == "gptq":
+        pytest.importorskip("gptqmodel")
+        from qlaunch.testing.gptq import make_gptq_checkpoint
+
+        model_path = make_gptq_checkpoint(demo["model"], str(tmp_path / "gptq"))
+    out = tmp_path / "adapter"
+    trainer = fit(prepare(["--model_name_or_path", model_path, "--data_path", demo["train"], "--output_dir",
+                           str(out), "--q_lora", *FAST]))
+    ids = torch.randint(4, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    trained = logits(trainer.model, ids)
+
+    info = merge(str(out), str(tmp_path / "merged"))
+    assert info["merged_into"] == f"dequantized {kind}"
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert not hasattr(merged.config, "quantization_config")
+    assert all(type(m) is torch.nn.Linear for n, m in merged.named_modules() if n.endswith("q_proj"))
+    diff = (logits(merged, ids) - trained).abs().max().item()
+    # The 4-bit CPU kernels compute in reduced precision (bitsandbytes dequantizes NF4 to bf16); the
+    # merged model can only be as close to the trained one as the plain dequantized base is to the
+    # quantized base. Measure that floor on the untrained base.
+    from qlaunch.adapters import load_for_inference
+    from qlaunch.merge import plain_copy
+
+    if kind == "nf4":
+        base, _ = load_for_inference(model_path, None, quantization="nf4", device="cpu")
+    else:
+        from qlaunch.gptq import gptq_training_config, pin_training_kernels
+
+        base = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=gptq_training_config(),
+                                                    device_map={"": "cpu"}, dtype=torch.float32)
+        pin_training_kernels(base)  # the fp32 training path, as the adapter was trained
+    plain = plain_copy(base, torch.float32)
+    floor = (logits(plain, ids) - logits(base, ids)).abs().max().item()
+    print(f"{kind}: merged vs trained {diff:.2e}; kernel floor {floor:.2e}")
+    assert diff <= 2 * floor + 1e-4, (diff, floor)
+    original = AutoModelForCausalLM.from_pretrained(demo["model"])  # merging into these would be wrong
+    assert (logits(original, ids) - trained).abs().max().item() > 3 * diff
+    assert os.path.isfile(tmp_path / "merged" / "tokenizer.json")

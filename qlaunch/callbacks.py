@@ -38,16 +38,21 @@ class NonFiniteLossGuard(TrainerCallback):
     def __init__(self):
         self.bad_step: int | None = None
         self.bad_value: float | None = None
+        self.what = "loss"
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss) and self.bad_step is None:
-            self.bad_step, self.bad_value = state.global_step, loss
-            control.should_training_stop = True
+        # Under fp16 the GradScaler skips steps whose gradients overflow (inf grad_norm is normal there).
+        keys = ("loss",) if getattr(args, "fp16", False) else ("loss", "grad_norm")
+        for key in keys:
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value) and self.bad_step is None:
+                self.bad_step, self.bad_value, self.what = state.global_step, value, key
+                control.should_training_stop = True
         return control
 
     def message(self) -> str:
         return (
-            f"training loss became {self.bad_value} at step {self.bad_step}; stopped. Lower --learning_rate, "
+            f"training {'loss' if self.what == 'loss' else 'gradient norm'} became {self.bad_value} at step "
+            f"{self.bad_step}; stopped. Lower --learning_rate, "
             "add --max_grad_norm 1.0, or use --bf16 True instead of --fp16 on GPUs that support it."
         )

@@ -138,9 +138,9 @@ def fit(config, extra_callbacks=()):
     return trainer
 
 
-def run(config) -> int:
+def run(config, extra_callbacks=()) -> int:
     """Exit code of a run: 0 done (or preempted and checkpointed), 1 non-finite loss."""
-    trainer = fit(config)
+    trainer = fit(config, extra_callbacks)
     if trainer is not None and trainer.qlaunch_guard.bad_step is not None:
         return 1
     return 0

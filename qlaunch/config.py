@@ -100,6 +100,11 @@ class TrainingArguments(transformers.TrainingArguments):
     config: str | None = field(
         default=None, metadata={"help": "YAML recipe with the same keys as these flags; the command line wins."}
     )
+    # transformers' default (True) replaces NaN/inf losses with the running average in the logs,
+    # which hides a diverging run; qlaunch logs them and stops (see callbacks.NonFiniteLossGuard).
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "Hide NaN/inf losses from the logs (transformers' default: True)."}
+    )
     dry_run: bool = field(
         default=False,
         metadata={"help": "Print the effective configuration and data statistics, then exit without training."},

@@ -37,21 +37,12 @@ def is_zero3(training_args) -> bool:
     return bool(plugin and plugin.is_zero3())
 
 
-def fit(config, extra_callbacks=()):
-    """Load, train, save and report. Returns the Trainer (None for --dry_run)."""
-    from qlaunch import model as modeling
+def load_datasets(config, tokenizer):
+    """Tokenize training (and evaluation) data once, rank 0 first."""
     from qlaunch.data.dataset import build_dataset
-    from qlaunch.report import write_report
-    from qlaunch.train import build_trainer, requeue_if_slurm, resolve_resume, run_info, save_json
 
-    margs, dargs, largs, targs = config.model, config.data, config.lora, config.training
-    for note in config.notes:
-        log.info(note)
-    for warning in config.warnings:
-        log.warning(warning)
-
-    tokenizer = modeling.load_tokenizer(margs.model_name_or_path, margs.trust_remote_code)
-    data_kwargs = dict(
+    dargs, targs = config.data, config.training
+    kwargs = dict(
         max_length=targs.model_max_length,
         system_message=dargs.system_message,
         truncation=dargs.truncation,
@@ -59,24 +50,31 @@ def fit(config, extra_callbacks=()):
         show_progress=targs.process_index == 0,
     )
     with targs.main_process_first(desc="tokenizing"):
-        train_dataset = build_dataset(dargs.data_path, tokenizer, **data_kwargs)
-        eval_dataset = build_dataset(dargs.eval_data_path, tokenizer, **data_kwargs) if dargs.eval_data_path else None
+        train = build_dataset(dargs.data_path, tokenizer, **kwargs)
+        evaluation = build_dataset(dargs.eval_data_path, tokenizer, **kwargs) if dargs.eval_data_path else None
+    return train, evaluation
 
-    if targs.dry_run:
-        import yaml
 
-        effective = {"quant_method": config.quant_method, "compute_dtype": str(config.compute_dtype)}
-        effective.update(config.non_default())
-        log.info("Effective configuration (non-default values):\n%s", yaml.safe_dump(effective, sort_keys=True))
-        from qlaunch.plan import format_plan, memory_plan
+def report_dry_run(config) -> None:
+    import yaml
 
-        log.info("%s", format_plan(memory_plan(config)))
-        log.info("--dry_run: configuration and data are valid; exiting before loading the model.")
-        return None
+    from qlaunch.plan import format_plan, memory_plan
 
-    # Seed before the model exists: LoRA's A matrices are drawn at attach time, before the Trainer seeds.
+    effective = {"quant_method": config.quant_method, "compute_dtype": str(config.compute_dtype)}
+    effective.update(config.non_default())
+    log.info("Effective configuration (non-default values):\n%s", yaml.safe_dump(effective, sort_keys=True))
+    log.info("%s", format_plan(memory_plan(config)))
+    log.info("--dry_run: configuration and data are valid; exiting before loading the model.")
+
+
+def load_model(config):
+    """The base (full precision / NF4 / GPTQ) with LoRA attached; returns (model, LoRA targets)."""
     from transformers import set_seed
 
+    from qlaunch import model as modeling
+
+    margs, largs, targs = config.model, config.lora, config.training
+    # Seed before the model exists: LoRA's A matrices are drawn at attach time, before the Trainer seeds.
     set_seed(targs.seed)
     if is_zero3(targs):
         # from_pretrained under ZeRO-3 builds deepspeed.zero.Init, which reads the world size from
@@ -85,8 +83,7 @@ def fit(config, extra_callbacks=()):
 
         deepspeed.init_distributed(dist_backend="gloo" if targs.use_cpu else None)
     model = modeling.load_base_model(
-        margs, largs, config.quant_method, config.compute_dtype,
-        use_cpu=targs.use_cpu, zero3=is_zero3(targs),
+        margs, largs, config.quant_method, config.compute_dtype, use_cpu=targs.use_cpu, zero3=is_zero3(targs)
     )
     targets = None
     if largs.use_lora:
@@ -96,10 +93,18 @@ def fit(config, extra_callbacks=()):
         targets = sorted(next(iter(model.peft_config.values())).target_modules)
     elif targs.activation_checkpointing:
         model.enable_input_require_grads()
-    trainable, total = modeling.count_parameters(model)
-    log.info("Trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    return model, targets
 
-    trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset, extra_callbacks)
+
+def describe_run(config, trainer, model, targets) -> dict:
+    """run_info.json's content, with the facts also logged."""
+    from qlaunch import model as modeling
+    from qlaunch.train import run_info
+
+    trainable, total = modeling.count_parameters(model)
+    note = " (packed GPTQ weights are buffers, not counted)" if config.quant_method == "gptq" else ""
+    log.info("Trainable parameters: %s of %s (%.3f%%)%s", f"{trainable:,}", f"{total:,}",
+             100 * trainable / max(total, 1), note)
     info = run_info(config, trainer, trainable, total, targets)
     if config.quant_method in ("nf4", "fp4"):
         from qlaunch.footprint import quantized_storage
@@ -109,21 +114,14 @@ def fit(config, extra_callbacks=()):
                  "the fixed per-tensor state dominates on small layers)",
                  config.quant_method.upper(), storage["layers"], storage["bits_per_param"])
     log.info("World size %d (%s), device %s", info["world_size"], info["distributed"], info["device"])
+    return info
 
-    resume = resolve_resume(targs.resume_from_checkpoint, targs.output_dir)
-    result = trainer.train(resume_from_checkpoint=resume)
 
-    trainer.qlaunch_result = result
-    guard, preemption = trainer.qlaunch_guard, trainer.qlaunch_preemption
-    if guard.bad_step is not None:
-        log.error(guard.message())
-        return trainer
-    if preemption.received:
-        log.warning("Stopped by %s at step %s; checkpoint saved in %s.",
-                    preemption.received, preemption.stopped_at_step, targs.output_dir)
-        requeue_if_slurm()
-        return trainer
+def save_results(config, trainer, result, info, train_dataset, eval_dataset) -> None:
+    from qlaunch.report import write_report
+    from qlaunch.train import save_json
 
+    targs = config.training
     trainer.save_model(targs.output_dir)  # adapter only for LoRA (gathered under ZeRO-3), + tokenizer
     metrics = dict(result.metrics)
     if eval_dataset is not None:
@@ -131,10 +129,44 @@ def fit(config, extra_callbacks=()):
     if trainer.is_world_process_zero():
         info["train_samples"] = len(train_dataset)
         save_json(os.path.join(targs.output_dir, "run_info.json"), info)
-        title = f"{os.path.basename(margs.model_name_or_path.rstrip('/'))} · {config.quant_method or 'full precision'}"
-        write_report(targs.output_dir, metrics, trainer.state.log_history, title)
+        name = os.path.basename(config.model.model_name_or_path.rstrip("/"))
+        write_report(targs.output_dir, metrics, trainer.state.log_history,
+                     f"{name} · {config.quant_method or 'full precision'}")
         log.info("Saved %s to %s (metrics.json, loss_curve.png, run_info.json)",
-                 "adapter" if largs.use_lora else "model", targs.output_dir)
+                 "adapter" if config.lora.use_lora else "model", targs.output_dir)
+
+
+def fit(config, extra_callbacks=()):
+    """Load, train, save and report. Returns the Trainer (None for --dry_run)."""
+    from qlaunch.model import load_tokenizer
+    from qlaunch.train import build_trainer, requeue_if_slurm, resolve_resume
+
+    targs = config.training
+    for note in config.notes:
+        log.info(note)
+    for warning in config.warnings:
+        log.warning(warning)
+
+    tokenizer = load_tokenizer(config.model.model_name_or_path, config.model.trust_remote_code)
+    train_dataset, eval_dataset = load_datasets(config, tokenizer)
+    if targs.dry_run:
+        report_dry_run(config)
+        return None
+
+    model, targets = load_model(config)
+    trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset, extra_callbacks)
+    info = describe_run(config, trainer, model, targets)
+    result = trainer.train(resume_from_checkpoint=resolve_resume(targs.resume_from_checkpoint, targs.output_dir))
+
+    guard, preemption = trainer.qlaunch_guard, trainer.qlaunch_preemption
+    if guard.bad_step is not None:
+        log.error(guard.message())
+    elif preemption.received:
+        log.warning("Stopped by %s at step %s; checkpoint saved in %s.",
+                    preemption.received, preemption.stopped_at_step, targs.output_dir)
+        requeue_if_slurm()
+    else:
+        save_results(config, trainer, result, info, train_dataset, eval_dataset)
     return trainer
 
 

@@ -41,15 +41,19 @@ class LazyDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
-        if i not in self.cache:
-            item = tokenize_messages(self.tokenizer, self.samples[i], self.max_length, "truncate", self.stats)
-            if item is None:
-                # Truncation removed every assistant token: keep the sample but train its last token
-                # rather than hand the loss an all-masked batch. Eager mode drops such samples instead.
-                ids = tokenize_messages(self.tokenizer, self.samples[i], 10**9)["input_ids"][: self.max_length]
-                item = {"input_ids": ids, "labels": [-100] * (len(ids) - 1) + ids[-1:]}
-            self.cache[i] = item
-        return self.cache[i]
+        # A sample that truncation leaves without assistant tokens would give an all-masked loss;
+        # eager mode drops it, lazy mode stands in the next usable sample for it.
+        for offset in range(len(self.samples)):
+            j = (i + offset) % len(self.samples)
+            if j not in self.cache:
+                self.cache[j] = tokenize_messages(self.tokenizer, self.samples[j], self.max_length, "truncate",
+                                                  self.stats)
+                if self.cache[j] is None:
+                    log.warning("sample %d has no assistant tokens within %d tokens; training on another "
+                                "sample in its place (raise --model_max_length)", j, self.max_length)
+            if self.cache[j] is not None:
+                return self.cache[j]
+        raise UsageError(f"no sample keeps an assistant token within --model_max_length {self.max_length}.")
 
 
 def build_dataset(

@@ -128,3 +128,18 @@ def test_template_without_end_token_trains_whole_turn(tokenizer):
     )
     item = tokenize_messages(tok, to_messages({"instruction": "Opposite of up?", "output": "down"}, ""), 512)
     assert trained_text(tok, item) == "down\n"
+
+
+def test_lazy_dataset_tokenizes_on_access_and_skips_label_less_samples(tokenizer, tmp_path):
+    import json
+
+    from qlaunch.data.dataset import LazyDataset, build_dataset
+
+    long_prompt = {"instruction": "word " * 80, "output": "ok"}
+    short = {"instruction": "Opposite of up?", "output": "down"}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([long_prompt, short]))
+    data = build_dataset(str(path), tokenizer, max_length=40, system_message=SYS, lazy=True, show_progress=False)
+    assert isinstance(data, LazyDataset) and data.cache == {}
+    assert data[1]["labels"].count(IGNORE_INDEX) < len(data[1]["labels"])
+    assert data[0] == data[1]  # the label-less long sample is replaced by the next usable one

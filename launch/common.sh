@@ -247,6 +247,9 @@ _ql_rdzv_args() {
     if [ "$QL_MODE" = slurm ] || [ "$restarts" -gt 0 ]; then
         QL_RDZV+=(--rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"
                   --rdzv_id="${RDZV_ID:-${SLURM_JOB_ID:-qlaunch}}" --max_restarts="$restarts")
+        # Workers re-using the rendezvous TCPStore can read the previous attempt's keys after a
+        # restart and hang in init_process_group (pytorch#135712); give them their own store.
+        export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
     else
         QL_RDZV+=(--node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
     fi

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from launchkit import GLOBAL_BATCH, MAX_STEPS, TINY, base_env, finish, free_port, launch, max_abs_diff
+from launchkit import GLOBAL_BATCH, MAX_STEPS, REPO, TINY, base_env, finish, free_port, launch, max_abs_diff
 
 pytestmark = [pytest.mark.integration, pytest.mark.torchrun]
 
@@ -104,6 +104,7 @@ def test_c10d_rendezvous_two_simulated_nodes(launch_demo, runs_dir, ddp_run):
     for run in runs:
         run.check()
         assert "--rdzv_backend=c10d" in run.text and "--max_restarts=1" in run.text
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" in (REPO / "launch" / "common.sh").read_text()
     assert runs[0].run_info()["world_size"] == 2
     assert_ranks_identical(runs[0], 2)
     assert_matches(runs[0], ddp_run, "c10d 2 nodes vs static torchrun")
@@ -144,7 +145,8 @@ def test_max_restarts_c10d_restarts_a_killed_worker_and_resumes(launch_demo, run
     run, proc = launch("lora_ds.sh", ["--deepspeed", "none", "-m", str(launch_demo["model"]),
                                       "-d", str(launch_demo["data"]), "-o", str(out), "--", *args,
                                       "--per_device_train_batch_size", "1", "--save_steps", "20",
-                                      "--logging_steps", "10", "--resume_from_checkpoint", "auto"],
+                                      "--logging_steps", "10", "--resume_from_checkpoint", "auto",
+                                      "--ddp_timeout", "180"],  # a re-rendezvous hang fails in minutes
                        out, env=env, wait=False)
     progress = re.compile(rf"\b(\d+)/{steps} \[")
     deadline = time.monotonic() + 300
@@ -161,6 +163,7 @@ def test_max_restarts_c10d_restarts_a_killed_worker_and_resumes(launch_demo, run
     os.kill(victim, signal.SIGKILL)
     finish(run, proc, timeout=600).check()
     assert "--rdzv_backend=c10d" in run.text and "--max_restarts=1" in run.text
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" in (REPO / "launch" / "common.sh").read_text()
     assert re.search(r"Resuming from .*checkpoint-\d+", run.text), run.tail()
     info = run.run_info()
     assert info["world_size"] == 2

@@ -8,23 +8,19 @@ import platform
 import subprocess
 
 import torch
-from transformers import DataCollatorForSeq2Seq, Trainer
+from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from qlaunch.callbacks import NonFiniteLossGuard, PreemptionCallback
-from qlaunch.data.tokenize import IGNORE_INDEX
+from qlaunch.data.collate import PaddingCollator
 
 log = logging.getLogger("qlaunch")
 
 
-def make_collator(tokenizer, on_gpu: bool):
+def make_collator(tokenizer, on_gpu: bool) -> PaddingCollator:
     """Dynamic padding to the longest sample of each batch; padded labels are -100."""
-    return DataCollatorForSeq2Seq(
-        tokenizer,
-        padding="longest",
-        label_pad_token_id=IGNORE_INDEX,
-        pad_to_multiple_of=8 if on_gpu else None,  # tensor-core friendly shapes on GPUs
-    )
+    # Multiples of 8 keep tensor-core friendly shapes on GPUs.
+    return PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if on_gpu else None)
 
 
 def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, extra_callbacks=()):

@@ -45,6 +45,8 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
             tokenizer.pad_token = tokenizer.eos_token
         elif tokenizer.unk_token is not None:
             tokenizer.pad_token = tokenizer.unk_token
+        elif getattr(tokenizer, "eod_id", None) is not None:  # Qwen-7B's tiktoken tokenizer (as Qwen pads)
+            tokenizer.pad_token_id = tokenizer.eod_id
         else:
             raise UsageError("the tokenizer has no pad, eos or unk token to pad with; add a pad token to the tokenizer.")
 

@@ -143,3 +143,32 @@ def test_lazy_dataset_tokenizes_on_access_and_skips_label_less_samples(tokenizer
     assert isinstance(data, LazyDataset) and data.cache == {}
     assert data[1]["labels"].count(IGNORE_INDEX) < len(data[1]["labels"])
     assert data[0] == data[1]  # the label-less long sample is replaced by the next usable one
+
+
+def test_collator_pads_right_to_longest_or_multiple(tokenizer):
+    from qlaunch.data.collate import PaddingCollator
+
+    items = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    batch = PaddingCollator(pad_token_id=0)(items)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert PaddingCollator(pad_token_id=0, pad_to_multiple_of=8)(items)["input_ids"].shape == (2, 8)
+
+
+def test_template_that_rewrites_history_is_refused(tokenizer):
+    import pytest
+
+    from qlaunch.errors import UsageError
+
+    tok = copy.deepcopy(tokenizer)
+    # Drops earlier assistant turns once a newer one exists (as reasoning-model templates do).
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    record = {"conversations": [{"from": "user", "value": "a"}, {"from": "assistant", "value": "b"},
+                                {"from": "user", "value": "c"}, {"from": "assistant", "value": "d"}]}
+    with pytest.raises(UsageError, match="does not render conversations prefix by prefix"):
+        tokenize_messages(tok, to_messages(record, SYS), 512)

@@ -15,7 +15,9 @@ import torch
 from qlaunch.errors import UsageError
 
 
-def reply(model, tokenizer, messages, *, max_new_tokens: int, temperature: float, stream: bool) -> str:
+def reply(model, tokenizer, messages, *, max_new_tokens: int = 256, temperature: float = 0.0,
+          stream: bool = False) -> str:
+    """The model's reply to a conversation (greedy when temperature is 0), optionally streamed to stdout."""
     from transformers import TextStreamer
 
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from qlaunch.chat import reply
 from qlaunch.data.formats import load_samples
 from qlaunch.data.tokenize import IGNORE_INDEX, tokenize_messages
 from qlaunch.errors import UsageError
@@ -38,29 +39,14 @@ def eval_loss(model, tokenizer, samples, max_length: int = 512) -> float:
     return total / max(count, 1)
 
 
-@torch.no_grad()
-def generate_reply(model, tokenizer, messages, max_new_tokens: int = 32) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    device = next(model.parameters()).device
-    inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
-    out = model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
 def exact_match(model, tokenizer, samples, limit: int | None = None) -> tuple[float, list[dict]]:
     rows = []
     for messages in samples[:limit]:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         reference = messages[last]["content"].strip()
-        reply = generate_reply(model, tokenizer, messages[:last])
-        rows.append({"prompt": messages[last - 1]["content"], "reference": reference, "reply": reply,
-                     "match": reply == reference})
+        answer = reply(model, tokenizer, messages[:last], max_new_tokens=32)
+        rows.append({"prompt": messages[last - 1]["content"], "reference": reference, "reply": answer,
+                     "match": answer == reference})
     return sum(r["match"] for r in rows) / max(len(rows), 1), rows
 
 

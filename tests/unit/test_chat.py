@@ -22,7 +22,7 @@ def nf4_adapter(demo, tmp_path_factory):
 
 def test_chat_cli_answers_a_prompt_as_trained_model_would(nf4_adapter):
     from qlaunch.adapters import load_for_inference
-    from qlaunch.evaluate import generate_reply
+    from qlaunch.chat import reply
 
     result = subprocess.run([sys.executable, "-m", "qlaunch.chat", "--adapter", nf4_adapter, "--prompt",
                              "What is the opposite of hot?", "--max_new_tokens", "24"],
@@ -32,8 +32,9 @@ def test_chat_cli_answers_a_prompt_as_trained_model_would(nf4_adapter):
     model, tokenizer = load_for_inference(adapter=nf4_adapter)
     import bitsandbytes as bnb
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())  # base loaded as trained: NF4
-    expected = generate_reply(model, tokenizer, [{"role": "system", "content": "You are a helpful assistant."},
-                                                 {"role": "user", "content": "What is the opposite of hot?"}], 24)
+    expected = reply(model, tokenizer, [{"role": "system", "content": "You are a helpful assistant."},
+                                        {"role": "user", "content": "What is the opposite of hot?"}],
+                     max_new_tokens=24)
     assert expected and result.stdout.strip() == expected
     assert expected.startswith("The opposite of")  # learned the answer format in 8 epochs
 

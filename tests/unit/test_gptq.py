@@ -130,12 +130,12 @@ def test_gptq_flag_on_plain_checkpoint(demo, tmp_path):
 
 def test_chat_on_gptq_adapter(gptq_run):
     from qlaunch.adapters import load_for_inference
-    from qlaunch.evaluate import generate_reply
+    from qlaunch.chat import reply
 
     _, out = gptq_run
     model, tokenizer = load_for_inference(adapter=str(out))
     assert any(type(m).__module__.startswith("gptqmodel") for m in model.modules())
-    assert generate_reply(model, tokenizer, [{"role": "user", "content": "Opposite of up?"}], 8)
+    assert reply(model, tokenizer, [{"role": "user", "content": "Opposite of up?"}], max_new_tokens=8)
 
 
 def test_gptq_without_optimum_gives_install_command(gptq_model, demo, monkeypatch):

@@ -76,14 +76,15 @@ def load_model(config):
     margs, largs, targs = config.model, config.lora, config.training
     # Seed before the model exists: LoRA's A matrices are drawn at attach time, before the Trainer seeds.
     set_seed(targs.seed)
-    if is_zero3(targs):
+    zero3 = is_zero3(targs)
+    if zero3:
         # from_pretrained under ZeRO-3 builds deepspeed.zero.Init, which reads the world size from
         # DeepSpeed's comm layer: initialise it first, or it sees 1 process and rejects the batch size.
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo" if targs.use_cpu else None)
     model = modeling.load_base_model(
-        margs, largs, config.quant_method, config.compute_dtype, use_cpu=targs.use_cpu, zero3=is_zero3(targs)
+        margs, largs, config.quant_method, config.compute_dtype, use_cpu=targs.use_cpu, zero3=zero3
     )
     targets = None
     if largs.use_lora:

@@ -98,8 +98,8 @@ def read_deepspeed_config(ds) -> dict:
     return ds if isinstance(ds, dict) else {}
 
 
-def zero_stage(ds) -> int:
-    stage = read_deepspeed_config(ds).get("zero_optimization", {}).get("stage", 0)
+def zero_stage(ds: dict) -> int:
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
     return int(stage) if str(stage).isdigit() else 0
 
 
@@ -110,11 +110,8 @@ GPTQ_ZERO3 = (
 )
 
 
-def deepspeed_config_warnings(ds) -> list[str]:
+def deepspeed_config_warnings(ds: dict) -> list[str]:
     """A DeepSpeed JSON's scheduler/optimizer blocks silently replace the user's flags: say so."""
-    ds = read_deepspeed_config(ds)
-    if not ds:
-        return []
     warnings = []
     if "scheduler" in ds:
         kind = ds["scheduler"].get("type", "?") if isinstance(ds["scheduler"], dict) else "?"
@@ -168,8 +165,9 @@ def validate_args(ns: argparse.Namespace, *, cuda: bool | None = None) -> list[s
     ns.warnings = list(precision.warnings)
     ns.fp16, ns.bf16, ns.compute_dtype = precision.fp16, precision.bf16, precision.compute_dtype
     if ns.deepspeed:
-        ns.warnings += deepspeed_config_warnings(ns.deepspeed)
-        if zero_stage(ns.deepspeed) == 3:
+        ds_config = read_deepspeed_config(ns.deepspeed)
+        ns.warnings += deepspeed_config_warnings(ds_config)
+        if zero_stage(ds_config) == 3:
             if ns.quant_method == "gptq":
                 problems.append(GPTQ_ZERO3)
             elif ns.quant_method in ("nf4", "fp4") and not ns.bnb_4bit_quant_storage:

@@ -40,10 +40,9 @@ def plain_copy(quantized_model, dtype: torch.dtype):
     """A full-precision model of the same architecture holding the dequantized weights."""
     from transformers import AutoModelForCausalLM
 
-    config = quantized_model.config.to_dict()
-    config.pop("quantization_config", None)
-    config = quantized_model.config.__class__.from_dict(config)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    from qlaunch.model import unquantized_config
+
+    plain = AutoModelForCausalLM.from_config(unquantized_config(quantized_model.config), dtype=torch.float32)
     modules = dict(quantized_model.named_modules())
     state = {}
     for name, tensor in plain.state_dict().items():

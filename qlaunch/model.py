@@ -40,6 +40,12 @@ def checkpoint_quant_method(model_name_or_path: str, trust_remote_code: bool = F
     return str(getattr(method, "value", method)).lower() if method else None
 
 
+def unquantized_config(config):
+    """The same architecture config without its quantization_config (for meta or full-precision copies)."""
+    values = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
+    return config.__class__.from_dict(values)
+
+
 def resolve_quant_method(q_lora: bool, quantization: str, checkpoint_method: str | None) -> str | None:
     """None (full-precision base), "nf4", "fp4" or "gptq". Raises UsageError for contradictions."""
     if not q_lora:

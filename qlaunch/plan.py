@@ -20,9 +20,9 @@ QUANT_BITS_NO_DOUBLE = 4.5
 def _meta_model(model_name_or_path: str, trust_remote_code: bool):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    if hasattr(config, "quantization_config"):
-        config = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    from qlaunch.model import unquantized_config
+
+    config = unquantized_config(AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code))
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code), config
 

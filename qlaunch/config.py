@@ -145,13 +145,6 @@ class Config:
                 out[f.name] = copy.deepcopy(plain) if simple else str(plain)
         return out
 
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for part in (self.model, self.data, self.lora):
-            out.update(dataclasses.asdict(part))
-        out.update(self.training.to_dict())
-        return out
-
 
 def make_parser() -> transformers.HfArgumentParser:
     parser = transformers.HfArgumentParser(

@@ -63,22 +63,30 @@ def test_torchrun_two_processes(ddp_run, single_run):
     assert_matches(ddp_run, single_run, "torchrun 2 procs vs 1 proc")
 
 
-def test_two_simulated_nodes(launch_demo, runs_dir, single_run):
-    """Two launches of lora_ds.sh, NNODES=2 NODE_RANK=0|1, one process each, static rendezvous
-    on MASTER_ADDR=127.0.0.1 — what a user runs on each of two machines."""
+def launch_two_nodes(launch_demo, runs_dir, name: str, **env_extra) -> list:
+    """Two launches of lora_ds.sh, NNODES=2 NODE_RANK=0|1, one process each, on MASTER_ADDR=127.0.0.1
+    — what a user runs on each of two machines. Returns both finished runs, checked."""
     port = free_port()
-    out = runs_dir / "two_nodes"
+    out = runs_dir / name
     procs = []
     for node_rank in (0, 1):
-        env = base_env(NNODES=2, NODE_RANK=node_rank, NPROC_PER_NODE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = base_env(NNODES=2, NODE_RANK=node_rank, NPROC_PER_NODE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                       **env_extra)
         run, proc = launch("lora_ds.sh", ["--deepspeed", "none", "-m", str(launch_demo["model"]),
                                           "-d", str(launch_demo["data"]), "-o", str(out), "--", *TINY,
                                           "--per_device_train_batch_size", str(GLOBAL_BATCH // 2)],
-                           out, env=env, wait=False, log=runs_dir / f"two_nodes.node{node_rank}.log")
+                           out, env=env, wait=False, log=runs_dir / f"{name}.node{node_rank}.log")
         procs.append((run, proc))
     runs = [finish(run, proc, timeout=600) for run, proc in procs]
     for run in runs:
         run.check()
+    return runs
+
+
+def test_two_simulated_nodes(launch_demo, runs_dir, single_run):
+    """Static rendezvous across two simulated nodes."""
+    runs = launch_two_nodes(launch_demo, runs_dir, "two_nodes")
+    for run in runs:
         assert "--nnodes=2" in run.text
     assert "--node_rank=0" in runs[0].text and "--node_rank=1" in runs[1].text
     info = runs[0].run_info()
@@ -89,22 +97,9 @@ def test_two_simulated_nodes(launch_demo, runs_dir, single_run):
 
 def test_c10d_rendezvous_two_simulated_nodes(launch_demo, runs_dir, ddp_run):
     """MAX_RESTARTS>0 switches to c10d rendezvous (static rendezvous hangs on restart)."""
-    port = free_port()
-    out = runs_dir / "c10d"
-    procs = []
-    for node_rank in (0, 1):
-        env = base_env(NNODES=2, NODE_RANK=node_rank, NPROC_PER_NODE=1, MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=port, MAX_RESTARTS=1, RDZV_ID="qlaunch-test-c10d")
-        run, proc = launch("lora_ds.sh", ["--deepspeed", "none", "-m", str(launch_demo["model"]),
-                                          "-d", str(launch_demo["data"]), "-o", str(out), "--", *TINY,
-                                          "--per_device_train_batch_size", str(GLOBAL_BATCH // 2)],
-                           out, env=env, wait=False, log=runs_dir / f"c10d.node{node_rank}.log")
-        procs.append((run, proc))
-    runs = [finish(run, proc, timeout=600) for run, proc in procs]
+    runs = launch_two_nodes(launch_demo, runs_dir, "c10d", MAX_RESTARTS=1, RDZV_ID="qlaunch-test-c10d")
     for run in runs:
-        run.check()
         assert "--rdzv_backend=c10d" in run.text and "--max_restarts=1" in run.text
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" in (REPO / "launch" / "common.sh").read_text()
     assert runs[0].run_info()["world_size"] == 2
     assert_ranks_identical(runs[0], 2)
     assert_matches(runs[0], ddp_run, "c10d 2 nodes vs static torchrun")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 from qlaunch.errors import UsageError
 
@@ -20,16 +22,19 @@ def setup_logging() -> None:
     log.propagate = False
 
 
-def prepare(argv=None):
-    """Arguments → validated Config. Raises UsageError listing every problem."""
+def prepare(argv=None, machine=None):
+    """Arguments → checked, resolved Config. Raises UsageError listing every problem."""
     from qlaunch.config import build_config, parse_namespace
-    from qlaunch.validate import validate_args
+    from qlaunch.machine import Machine
+    from qlaunch.resolve import resolve
+    from qlaunch.validate import check_arguments
 
     namespace = parse_namespace(argv)
-    problems = validate_args(namespace)
+    settings = resolve(namespace, Machine.detect() if machine is None else machine)
+    problems = check_arguments(namespace) + settings.problems
     if problems:
         raise UsageError(problems)
-    return build_config(namespace)
+    return build_config(namespace, settings)
 
 
 def is_zero3(training_args) -> bool:
@@ -137,8 +142,23 @@ def save_results(config, trainer, result, info, train_dataset, eval_dataset) -> 
                  "adapter" if config.lora.use_lora else "model", targs.output_dir)
 
 
-def fit(config, extra_callbacks=()):
-    """Load, train, save and report. Returns the Trainer (None for --dry_run)."""
+@dataclass
+class Outcome:
+    """How a run ended. status: done | dry_run | preempted | non_finite."""
+
+    status: str
+    trainer: Any = None
+    message: str | None = None
+    step: int | None = None  # the step training stopped at, for preempted / non_finite
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.status == "non_finite" else 0
+
+
+def fit(config, extra_callbacks=()) -> Outcome:
+    """Load, train, save and report."""
+    from qlaunch.callbacks import NonFiniteLossGuard, PreemptionCallback
     from qlaunch.model import load_tokenizer
     from qlaunch.train import build_trainer, requeue_if_slurm, resolve_resume
 
@@ -152,31 +172,31 @@ def fit(config, extra_callbacks=()):
     train_dataset, eval_dataset = load_datasets(config, tokenizer)
     if targs.dry_run:
         report_dry_run(config)
-        return None
+        return Outcome("dry_run")
 
     model, targets = load_model(config)
-    trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset, extra_callbacks)
+    preemption, guard = PreemptionCallback(), NonFiniteLossGuard()
+    trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset,
+                            [preemption, guard, *extra_callbacks])
     info = describe_run(config, trainer, model, targets)
     result = trainer.train(resume_from_checkpoint=resolve_resume(targs.resume_from_checkpoint, targs.output_dir))
 
-    guard, preemption = trainer.qlaunch_guard, trainer.qlaunch_preemption
     if guard.bad_step is not None:
         log.error(guard.message())
-    elif preemption.received:
-        log.warning("Stopped by %s at step %s; checkpoint saved in %s.",
-                    preemption.received, preemption.stopped_at_step, targs.output_dir)
+        return Outcome("non_finite", trainer, guard.message(), guard.bad_step)
+    if preemption.received:
+        message = (f"Stopped by {preemption.received} at step {preemption.stopped_at_step}; "
+                   f"checkpoint saved in {targs.output_dir}.")
+        log.warning(message)
         requeue_if_slurm()
-    else:
-        save_results(config, trainer, result, info, train_dataset, eval_dataset)
-    return trainer
+        return Outcome("preempted", trainer, message, preemption.stopped_at_step)
+    save_results(config, trainer, result, info, train_dataset, eval_dataset)
+    return Outcome("done", trainer)
 
 
 def run(config, extra_callbacks=()) -> int:
     """Exit code of a run: 0 done (or preempted and checkpointed), 1 non-finite loss."""
-    trainer = fit(config, extra_callbacks)
-    if trainer is not None and trainer.qlaunch_guard.bad_step is not None:
-        return 1
-    return 0
+    return fit(config, extra_callbacks).exit_code
 
 
 def main(argv=None) -> None:

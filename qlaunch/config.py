@@ -100,6 +100,11 @@ class TrainingArguments(transformers.TrainingArguments):
     config: str | None = field(
         default=None, metadata={"help": "YAML recipe with the same keys as these flags; the command line wins."}
     )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "auto (bf16 on GPUs of compute capability >= 8.0, fp16 below and for GPTQ, float32 on "
+                  "CPU) | bf16 | fp16 | fp32. --bf16 True / --fp16 True also choose."},
+    )
     # transformers' default (True) replaces NaN/inf losses with the running average in the logs,
     # which hides a diverging run; qlaunch logs them and stops (see callbacks.NonFiniteLossGuard).
     logging_nan_inf_filter: bool = field(
@@ -123,11 +128,24 @@ class Config:
     data: DataArguments
     lora: LoraArguments
     training: TrainingArguments
-    # Resolved by validate_args from flags, the checkpoint and the machine.
-    quant_method: str | None = None
-    compute_dtype: Any = None
-    notes: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    # Derived from flags, the checkpoint and the machine (qlaunch.resolve).
+    settings: Any = None
+
+    @property
+    def quant_method(self) -> str | None:
+        return self.settings.quant_method if self.settings else None
+
+    @property
+    def compute_dtype(self):
+        return self.settings.compute_dtype if self.settings else None
+
+    @property
+    def notes(self) -> list[str]:
+        return self.settings.notes if self.settings else []
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.settings.warnings if self.settings else []
 
     def non_default(self) -> dict[str, Any]:
         """The settings that differ from the defaults: what this run actually chose."""
@@ -223,8 +241,9 @@ def parse_namespace(argv: list[str] | None = None) -> argparse.Namespace:
     return namespace
 
 
-def build_config(namespace: argparse.Namespace) -> Config:
-    values = vars(namespace)
+def build_config(namespace: argparse.Namespace, settings=None) -> Config:
+    """The argument dataclasses, with the resolved settings' overrides applied."""
+    values = {**vars(namespace), **(settings.overrides() if settings else {})}
     parts = []
     for cls in ARGUMENT_CLASSES:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -233,10 +252,4 @@ def build_config(namespace: argparse.Namespace) -> Config:
             parts.append(cls(**kwargs))
         except ValueError as e:  # TrainingArguments.__post_init__ checks combinations itself
             raise UsageError(f"training arguments: {e}") from None
-    return Config(
-        *parts,
-        quant_method=values.get("quant_method"),
-        compute_dtype=values.get("compute_dtype"),
-        notes=list(values.get("notes", [])),
-        warnings=list(values.get("warnings", [])),
-    )
+    return Config(*parts, settings=settings)

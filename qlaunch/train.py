@@ -11,7 +11,6 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from qlaunch.callbacks import NonFiniteLossGuard, PreemptionCallback
 from qlaunch.data.collate import PaddingCollator
 
 log = logging.getLogger("qlaunch")
@@ -23,22 +22,17 @@ def make_collator(tokenizer, on_gpu: bool) -> PaddingCollator:
     return PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if on_gpu else None)
 
 
-def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, extra_callbacks=()):
+def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, callbacks=()):
     args = config.training
-    preemption = PreemptionCallback()
-    guard = NonFiniteLossGuard()
-    trainer = Trainer(
+    return Trainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=make_collator(tokenizer, on_gpu=not args.use_cpu and torch.cuda.is_available()),
         processing_class=tokenizer,
-        callbacks=[preemption, guard, *extra_callbacks],
+        callbacks=list(callbacks),
     )
-    trainer.qlaunch_preemption = preemption
-    trainer.qlaunch_guard = guard
-    return trainer
 
 
 def resolve_resume(resume_from_checkpoint, output_dir: str):

@@ -65,11 +65,12 @@ def test_q_lora_without_bitsandbytes_gives_install_command(demo, monkeypatch):
     import importlib.util
 
     from qlaunch.config import parse_namespace
+    from qlaunch.machine import CPU
     from qlaunch.validate import validate_args
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     ns = parse_namespace(["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--q_lora"])
-    problems = validate_args(ns, cuda=False)
+    problems = validate_args(ns, machine=CPU)
     assert problems == ["--q_lora with nf4 needs bitsandbytes, not installed: "
                         "pip install 'qlaunch[bnb]'  (or: pip install 'bitsandbytes>=0.48')"]

@@ -4,6 +4,8 @@ import pytest
 from qlaunch.cli import prepare
 from qlaunch.config import parse_namespace
 from qlaunch.errors import UsageError
+from qlaunch.machine import CPU
+from qlaunch.resolve import resolve
 from qlaunch.validate import validate_args
 
 
@@ -54,7 +56,7 @@ def test_every_problem_reported_at_once(tmp_path):
         "--data_path", str(tmp_path / "missing.json"), "--lora_r", "0", "--lora_dropout", "1.5",
         "--truncation", "chop", "--quantization", "gptq", "--lazy_preprocess", "True",
     ])
-    problems = validate_args(ns, cuda=False)
+    problems = validate_args(ns, machine=CPU)
     joined = "\n".join(problems)
     for expected in [
         "--model_name_or_path is required",
@@ -88,7 +90,7 @@ def test_gradient_checkpointing_is_non_reentrant(demo):
 
 def test_lora_only_flags_without_lora(demo):
     ns = parse_namespace(base_args(demo, "--lora_weight_path", "/nope"))
-    problems = validate_args(ns, cuda=False)
+    problems = validate_args(ns, machine=CPU)
     assert any("--lora_weight_path: no adapter_config.json" in p for p in problems)
     assert any("--lora_weight_path has no effect without --use_lora" in p for p in problems)
 
@@ -100,8 +102,9 @@ def test_deepspeed_scheduler_block_is_warned_about(demo, tmp_path):
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
                               "scheduler": {"type": "WarmupLR", "params": {}}}))
     ns = parse_namespace(base_args(demo, "--use_lora", "--deepspeed", str(ds), "--lr_scheduler_type", "cosine"))
-    assert validate_args(ns, cuda=False) == []
-    assert any("scheduler block (WarmupLR): it overrides --lr_scheduler_type" in w for w in ns.warnings)
+    assert validate_args(ns, machine=CPU) == []
+    settings = resolve(ns, CPU)
+    assert any("scheduler block (WarmupLR): it overrides --lr_scheduler_type" in w for w in settings.warnings)
 
 
 def test_shipped_deepspeed_configs_have_no_scheduler_or_optimizer():
@@ -140,5 +143,5 @@ def test_zero3_with_gptq_is_refused_up_front(demo, tmp_path):
     gptq = make_gptq_checkpoint(demo["model"], str(tmp_path / "gptq"))
     ns = parse_namespace(["--model_name_or_path", gptq, "--data_path", demo["train"], "--q_lora", "--deepspeed",
                           os.path.join(REPO, "ds_configs", "zero3.json")])
-    problems = validate_args(ns, cuda=False)
+    problems = validate_args(ns, machine=CPU)
     assert len(problems) == 1 and "ZeRO-3 cannot shard a GPTQ Int4 base" in problems[0]

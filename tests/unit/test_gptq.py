@@ -32,7 +32,7 @@ def run_args(model, demo, out, *extra):
 @pytest.fixture(scope="module")
 def gptq_run(gptq_model, demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("gptq_run")
-    return fit(prepare(run_args(gptq_model, demo, out))), out
+    return fit(prepare(run_args(gptq_model, demo, out))).trainer, out
 
 
 def test_auto_detects_gptq_from_the_checkpoint(gptq_model, demo, tmp_path):
@@ -142,12 +142,13 @@ def test_gptq_without_optimum_gives_install_command(gptq_model, demo, monkeypatc
     import importlib.util
 
     from qlaunch.config import parse_namespace
+    from qlaunch.machine import CPU
     from qlaunch.validate import validate_args
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optimum" else real(name, *a))
     ns = parse_namespace(["--model_name_or_path", gptq_model, "--data_path", demo["train"], "--q_lora"])
-    assert validate_args(ns, cuda=False) == [
+    assert validate_args(ns, machine=CPU) == [
         "--q_lora with gptq needs optimum, not installed: pip install 'qlaunch[gptq]'  (or: pip install "
         "'gptqmodel>=7.6' optimum)"]
 

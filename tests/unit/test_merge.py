@@ -31,7 +31,7 @@ def test_merged_model_matches_trained_adapter(kind, demo, tmp_path):
         model_path = make_gptq_checkpoint(demo["model"], str(tmp_path / "gptq"))
     out = tmp_path / "adapter"
     trainer = fit(prepare(["--model_name_or_path", model_path, "--data_path", demo["train"], "--output_dir",
-                           str(out), "--q_lora", *FAST]))
+                           str(out), "--q_lora", *FAST])).trainer
     ids = torch.randint(4, 400, (2, 12), generator=torch.Generator().manual_seed(0))
     trained = logits(trainer.model, ids)
 

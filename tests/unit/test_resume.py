@@ -26,18 +26,18 @@ def args(demo, out, *extra):
 
 
 def test_preempt_then_resume_matches_uninterrupted_run(demo, tmp_path):
-    straight = fit(prepare(args(demo, tmp_path / "straight")))
+    straight = fit(prepare(args(demo, tmp_path / "straight"))).trainer
     assert straight.state.global_step == 12
 
     out = tmp_path / "preempted"
     first = fit(prepare(args(demo, out)), extra_callbacks=[SignalAt(5)])
-    assert first.qlaunch_preemption.received == "SIGUSR1"
-    assert first.state.global_step == 6  # finishes the step in flight, then stops
+    assert first.status == "preempted" and "SIGUSR1" in first.message and first.exit_code == 0
+    assert first.trainer.state.global_step == first.step == 6  # finishes the step in flight, then stops
     assert (out / "checkpoint-6").is_dir()
     assert not (out / "adapter_model.safetensors").exists()  # the final adapter is not written on preemption
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 
-    resumed = fit(prepare(args(demo, out, "--resume_from_checkpoint", "auto")))
+    resumed = fit(prepare(args(demo, out, "--resume_from_checkpoint", "auto"))).trainer
     assert resumed.state.global_step == 12
     a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
     b = load_file(str(out / "adapter_model.safetensors"))
@@ -46,5 +46,5 @@ def test_preempt_then_resume_matches_uninterrupted_run(demo, tmp_path):
 
 
 def test_auto_resume_without_checkpoint_starts_fresh(demo, tmp_path):
-    trainer = fit(prepare(args(demo, tmp_path, "--resume_from_checkpoint", "auto", "--max_steps", "2")))
+    trainer = fit(prepare(args(demo, tmp_path, "--resume_from_checkpoint", "auto", "--max_steps", "2"))).trainer
     assert trainer.state.global_step == 2

@@ -16,7 +16,7 @@ FAST = ["--max_steps", "30", "--learning_rate", "3e-3", "--per_device_train_batc
 def train(demo, out, *extra):
     config = prepare(["--model_name_or_path", demo["model"], "--data_path", demo["train"],
                       "--output_dir", str(out), *FAST, *extra])
-    return fit(config)
+    return fit(config).trainer
 
 
 def losses(trainer):
@@ -108,7 +108,7 @@ def test_qwen_lora_single_gpu_flags_run(demo, tmp_path):
         "--logging_steps", "1", "--report_to", "none", "--model_max_length", "512", "--lazy_preprocess", "True",
         "--gradient_checkpointing", "--use_lora", "--max_steps", "2", "--disable_tqdm", "True",
     ])
-    trainer = fit(config)
+    trainer = fit(config).trainer
     assert trainer.state.global_step == 2
     assert (tmp_path / "adapter_model.safetensors").is_file()
 

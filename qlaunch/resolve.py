@@ -1,0 +1,169 @@
+"""Derived settings: everything qlaunch decides from the flags, the checkpoint and the machine.
+
+Computed once, before the Hugging Face TrainingArguments object is built (its constructor rejects
+e.g. --bf16 on a CPU), into one `Settings` object; `overrides()` is what it changes in the
+arguments. Contradictions found while deriving are collected as problems, like the checks in
+validate.py; nothing here mutates the parsed arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qlaunch.errors import UsageError
+from qlaunch.machine import Machine
+from qlaunch.precision import Precision, resolve_precision
+
+GPTQ_ZERO3 = (
+    "--deepspeed with ZeRO-3 cannot shard a GPTQ Int4 base: its packed int32 weights are buffers that "
+    "ZeRO-3 does not partition, and gptqmodel kernels need them whole. Use ds_configs/zero2.json "
+    "(a 4-bit 7B base fits one GPU; ZeRO-2 shards the optimizer state and gradients)."
+)
+
+
+@dataclass
+class Settings:
+    """What this run resolved to. `training` / `lora` / `model` hold argument overrides."""
+
+    quant_method: str | None = None
+    precision: Precision | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.precision.compute_dtype if self.precision else torch.float32
+
+    def overrides(self) -> dict[str, Any]:
+        return {**self.model, **self.lora, **self.training}
+
+
+def world_size(env=os.environ) -> int:
+    return int(env.get("WORLD_SIZE", "1"))
+
+
+def read_deepspeed_config(ds) -> dict:
+    if isinstance(ds, str):
+        try:
+            if ds.lstrip().startswith("{"):
+                return json.loads(ds)
+            with open(ds) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+    return ds if isinstance(ds, dict) else {}
+
+
+def zero_stage(ds: dict) -> int:
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    return int(stage) if str(stage).isdigit() else 0
+
+
+def deepspeed_config_warnings(ds: dict) -> list[str]:
+    """A DeepSpeed JSON's scheduler/optimizer blocks silently replace the user's flags: say so."""
+    warnings = []
+    if "scheduler" in ds:
+        kind = ds["scheduler"].get("type", "?") if isinstance(ds["scheduler"], dict) else "?"
+        warnings.append(
+            f"the DeepSpeed config has a scheduler block ({kind}): it overrides --lr_scheduler_type and "
+            "--warmup_steps. Remove the block (as in ds_configs/) to use your flags."
+        )
+    if "optimizer" in ds:
+        kind = ds["optimizer"].get("type", "?") if isinstance(ds["optimizer"], dict) else "?"
+        warnings.append(f"the DeepSpeed config has an optimizer block ({kind}): it overrides --optim.")
+    return warnings
+
+
+def model_path(ns: argparse.Namespace) -> str | None:
+    """A local model directory as an absolute path: the adapter records it as its base."""
+    path = ns.model_name_or_path
+    if path and os.path.isdir(os.path.expanduser(path)):
+        return os.path.abspath(os.path.expanduser(path))
+    return path
+
+
+def resolve_quantization(ns: argparse.Namespace, path: str | None, settings: Settings) -> None:
+    from qlaunch.model import checkpoint_quant_method, require_library, resolve_quant_method
+    from qlaunch.validate import CHOICES
+
+    use_lora = bool(ns.use_lora or ns.q_lora)
+    if path and (ns.q_lora or os.path.isdir(path)):
+        try:
+            checkpoint = checkpoint_quant_method(path, ns.trust_remote_code)
+            if ns.quantization in CHOICES["quantization"]:
+                settings.quant_method = resolve_quant_method(ns.q_lora, ns.quantization, checkpoint)
+        except UsageError as e:
+            settings.problems.extend(e.problems)
+        except (OSError, ValueError) as e:
+            settings.problems.append(f"--model_name_or_path {path!r}: cannot read its config: {e}")
+    missing = require_library(settings.quant_method)
+    if missing:
+        settings.problems.append(missing)
+    if settings.quant_method == "gptq" and ns.lora_modules_to_save and use_lora:
+        from qlaunch.model import GPTQ_EMBEDDINGS
+
+        settings.problems.append(GPTQ_EMBEDDINGS.format(modules=" ".join(ns.lora_modules_to_save)))
+
+
+def resolve_deepspeed(ns: argparse.Namespace, settings: Settings) -> None:
+    ds_config = read_deepspeed_config(ns.deepspeed)
+    settings.warnings += deepspeed_config_warnings(ds_config)
+    if zero_stage(ds_config) != 3:
+        return
+    if settings.quant_method == "gptq":
+        settings.problems.append(GPTQ_ZERO3)
+    elif settings.quant_method in ("nf4", "fp4") and not ns.bnb_4bit_quant_storage:
+        # ZeRO-3 flattens and shards parameters of one dtype; packed 4-bit weights stored
+        # as the compute dtype can be sharded like the rest (transformers/peft's recipe).
+        storage = str(settings.compute_dtype).replace("torch.", "")
+        settings.lora["bnb_4bit_quant_storage"] = storage
+        settings.notes.append(f"ZeRO-3 with {settings.quant_method.upper()}: 4-bit weights stored as "
+                              f"{storage} (--bnb_4bit_quant_storage) so ZeRO-3 can shard them.")
+
+
+def resolve_distributed(ns: argparse.Namespace, settings: Settings, machine: Machine, env=os.environ) -> None:
+    training, use_lora = settings.training, settings.lora.get("use_lora", ns.use_lora)
+    if not machine.cuda:
+        training["use_cpu"] = True  # without it, torchrun workers train independent world-size-1 copies
+        if world_size(env) > 1 and not ns.ddp_backend:
+            training["ddp_backend"] = "gloo"
+    if use_lora and ns.ddp_find_unused_parameters is None:
+        training["ddp_find_unused_parameters"] = False  # frozen base: DDP must not wait for grads that never come
+
+
+def resolve(ns: argparse.Namespace, machine: Machine, env=os.environ) -> Settings:
+    """Every setting qlaunch derives, with the problems found on the way. Does not change `ns`."""
+    settings = Settings()
+    if ns.q_lora and not ns.use_lora:
+        settings.lora["use_lora"] = True  # Q-LoRA is LoRA on a quantized base
+    path = model_path(ns)
+    if path != ns.model_name_or_path:
+        settings.model["model_name_or_path"] = path
+    resolve_quantization(ns, path, settings)
+
+    precision = resolve_precision(settings.quant_method, bool(ns.fp16), bool(ns.bf16), machine=machine,
+                                  precision=ns.precision, tf32=ns.tf32)
+    settings.precision = precision
+    settings.problems += precision.problems
+    settings.notes += precision.notes
+    settings.warnings += precision.warnings
+    settings.training.update(fp16=precision.fp16, bf16=precision.bf16, tf32=precision.tf32)
+
+    if ns.deepspeed:
+        resolve_deepspeed(ns, settings)
+    resolve_distributed(ns, settings, machine, env)
+    if ns.warmup_ratio is not None and 0 <= ns.warmup_ratio < 1:
+        settings.training["warmup_steps"] = ns.warmup_ratio  # transformers 5: warmup_steps < 1 is a ratio
+    ckpt = ns.activation_checkpointing or ns.gradient_checkpointing
+    if ckpt and not (ns.activation_checkpointing_kwargs or ns.gradient_checkpointing_kwargs):
+        settings.training["activation_checkpointing_kwargs"] = {"use_reentrant": False}
+    return settings

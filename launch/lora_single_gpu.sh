@@ -2,7 +2,6 @@
 # LoRA on one GPU (or one CPU process): python finetune.py, no torchrun/DeepSpeed.
 #   bash launch/lora_single_gpu.sh -m MODEL -d DATA [-c RECIPE.yaml] [-o OUT] [-- finetune.py flags]
 # Run with -h for all options. Hyperparameters: recipes/lora-default.yaml (or -c).
-set -euo pipefail
-# shellcheck source-path=SCRIPTDIR source=common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-qlaunch_main lora single "$@"
+# The command is built and exec'd by qlaunch/launch.py (also installed as `qlaunch-launch`).
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "${PYTHON:-python3}" -m qlaunch.launch --method lora --mode single "$@"

@@ -10,12 +10,30 @@ from transformers import TrainerCallback
 log = logging.getLogger("qlaunch")
 
 
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when it is True on any rank (one tiny all-reduce; a no-op in one process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)  # nccl needs it on the rank's GPU
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 class PreemptionCallback(TrainerCallback):
     """On SIGUSR1 / SIGTERM (SLURM's --signal, preemption, scancel): save a checkpoint at the
-    end of the current step and stop, so the job can be requeued and resumed."""
+    end of the current step and stop, so the job can be requeued and resumed.
+
+    Signals reach ranks (and nodes) milliseconds apart, and the checkpoint save is collective:
+    a rank that stopped alone would wait in the save while the others wait in the next step's
+    all-reduce, until the collective timeout. So ranks agree at every step end: all stop at the
+    first step end where any rank has been signalled.
+    """
 
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
-        self.received: str | None = None
+        self.received: str | None = None  # the signal this rank received
         self.stopped_at_step: int | None = None
         for sig in signals:
             signal.signal(sig, self._handle)
@@ -24,8 +42,15 @@ class PreemptionCallback(TrainerCallback):
         self.received = signal.Signals(signum).name
         log.warning("%s received: will checkpoint and stop after this step.", self.received)
 
+    @property
+    def stopped(self) -> bool:
+        return self.stopped_at_step is not None
+
+    def reason(self) -> str:
+        return self.received or "a signal to another rank"
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received and self.stopped_at_step is None:
+        if self.stopped_at_step is None and any_rank(self.received is not None, args.device):
             self.stopped_at_step = state.global_step
             control.should_save = True
             control.should_training_stop = True

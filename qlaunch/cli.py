@@ -22,6 +22,16 @@ def setup_logging() -> None:
     log.propagate = False
 
 
+def use_single_process_env() -> None:
+    """DeepSpeed without a launcher: give this process the rank variables a launcher would."""
+    from qlaunch.launch import free_port, single_process_env
+
+    added = single_process_env(os.environ, free_port())
+    if added:
+        os.environ.update(added)
+        log.info("single process with DeepSpeed: %s", " ".join(f"{k}={v}" for k, v in added.items()))
+
+
 def prepare(argv=None, machine=None):
     """Arguments → checked, resolved Config. Raises UsageError listing every problem."""
     from qlaunch.config import build_config, parse_namespace
@@ -30,6 +40,8 @@ def prepare(argv=None, machine=None):
     from qlaunch.validate import check_arguments
 
     namespace = parse_namespace(argv)
+    if namespace.deepspeed:
+        use_single_process_env()
     settings = resolve(namespace, Machine.detect() if machine is None else machine)
     problems = check_arguments(namespace) + settings.problems
     if problems:
@@ -89,7 +101,8 @@ def load_model(config):
 
         deepspeed.init_distributed(dist_backend="gloo" if targs.use_cpu else None)
     model = modeling.load_base_model(
-        margs, largs, config.quant_method, config.compute_dtype, use_cpu=targs.use_cpu, zero3=zero3
+        margs, largs, config.quant_method, config.compute_dtype, use_cpu=targs.use_cpu, zero3=zero3,
+        load_dtype=config.settings.load_dtype if config.settings else None,
     )
     targets = None
     if largs.use_lora:
@@ -97,6 +110,11 @@ def load_model(config):
             model, largs, quant_method=config.quant_method, gradient_checkpointing=targs.activation_checkpointing
         )
         targets = sorted(next(iter(model.peft_config.values())).target_modules)
+        if config.settings and config.settings.fp32_trainables:
+            upcast = modeling.upcast_trainable_fp16(model)
+            if upcast:
+                log.info("fp16 mixed precision: %d trainable fp16 tensors (modules_to_save, biases) kept in "
+                         "float32 so the GradScaler can update them.", upcast)
     elif targs.activation_checkpointing:
         model.enable_input_require_grads()
     return model, targets
@@ -160,7 +178,7 @@ def fit(config, extra_callbacks=()) -> Outcome:
     """Load, train, save and report."""
     from qlaunch.callbacks import NonFiniteLossGuard, PreemptionCallback
     from qlaunch.model import load_tokenizer
-    from qlaunch.train import build_trainer, requeue_if_slurm, resolve_resume
+    from qlaunch.train import build_trainer, requeue_if_slurm, resolve_resume, resume_request
 
     targs = config.training
     for note in config.notes:
@@ -179,13 +197,14 @@ def fit(config, extra_callbacks=()) -> Outcome:
     trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset,
                             [preemption, guard, *extra_callbacks])
     info = describe_run(config, trainer, model, targets)
-    result = trainer.train(resume_from_checkpoint=resolve_resume(targs.resume_from_checkpoint, targs.output_dir))
+    resume = resolve_resume(resume_request(targs.resume_from_checkpoint, os.environ), targs.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
 
     if guard.bad_step is not None:
         log.error(guard.message())
         return Outcome("non_finite", trainer, guard.message(), guard.bad_step)
-    if preemption.received:
-        message = (f"Stopped by {preemption.received} at step {preemption.stopped_at_step}; "
+    if preemption.stopped:
+        message = (f"Stopped by {preemption.reason()} at step {preemption.stopped_at_step}; "
                    f"checkpoint saved in {targs.output_dir}.")
         log.warning(message)
         requeue_if_slurm()
@@ -209,3 +228,7 @@ def main(argv=None) -> None:
             print(e.render(), file=sys.stderr)
         sys.exit(2)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -184,8 +184,10 @@ def _dests(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def load_yaml_recipe(path: str) -> dict[str, Any]:
+    from qlaunch.files import config_file_problems
+
     if not os.path.isfile(path):
-        raise UsageError(f"--config: file not found: {path!r}. Pass the path of a YAML recipe (see recipes/).")
+        raise UsageError(config_file_problems(path, None))
     with open(path, encoding="utf-8") as f:
         try:
             values = yaml.safe_load(f)

@@ -123,11 +123,12 @@ def device_map_for(quant_method: str | None, use_cpu: bool, zero3: bool):
 
 
 def load_base_model(
-    model_args, lora_args, quant_method: str | None, compute_dtype: torch.dtype, *, use_cpu: bool, zero3: bool = False
+    model_args, lora_args, quant_method: str | None, compute_dtype: torch.dtype, *, use_cpu: bool, zero3: bool = False,
+    load_dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
     kwargs = {
         "trust_remote_code": model_args.trust_remote_code,
-        "dtype": compute_dtype,
+        "dtype": load_dtype or compute_dtype,
         "quantization_config": quantization_config(quant_method, compute_dtype, lora_args),
         "device_map": device_map_for(quant_method, use_cpu, zero3),
     }
@@ -200,7 +201,22 @@ def attach_lora(model: PreTrainedModel, lora_args, *, quant_method: str | None, 
     return get_peft_model(model, config)
 
 
+def upcast_trainable_fp16(model: torch.nn.Module) -> int:
+    """fp16 trainable parameters → float32 (fp16 mixed precision cannot update fp16 weights). Returns how many."""
+    count = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.float16:
+            param.data = param.data.float()
+            count += 1
+    return count
+
+
+def numel(param: torch.Tensor) -> int:
+    # Under ZeRO-3 a partitioned parameter is an empty placeholder; ds_numel is its real size.
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return trainable, total

@@ -32,6 +32,8 @@ class Settings:
 
     quant_method: str | None = None
     precision: Precision | None = None
+    load_dtype: torch.dtype | None = None  # the base's dtype at load (None: the compute dtype)
+    fp32_trainables: bool = False  # upcast fp16 trainable parameters after LoRA is attached
     model: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -42,6 +44,10 @@ class Settings:
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.precision.compute_dtype if self.precision else torch.float32
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        return self.load_dtype or self.compute_dtype
 
     def overrides(self) -> dict[str, Any]:
         return {**self.model, **self.lora, **self.training}
@@ -68,8 +74,13 @@ def zero_stage(ds: dict) -> int:
     return int(stage) if str(stage).isdigit() else 0
 
 
-def deepspeed_config_warnings(ds: dict) -> list[str]:
-    """A DeepSpeed JSON's scheduler/optimizer blocks silently replace the user's flags: say so."""
+def deepspeed_config_warnings(ds: dict, optim: str = "adamw_torch") -> list[str]:
+    """A DeepSpeed JSON's scheduler/optimizer blocks silently replace the user's flags: say so.
+
+    An optimizer block is needed for optimizer offload (DeepSpeed's CPU Adam runs the step), as in
+    ds_configs/zero*_offload.json: with every parameter "auto" (filled from --learning_rate,
+    --adam_beta1/2, --adam_epsilon, --weight_decay) and an AdamW --optim, it changes nothing the
+    user asked for, so it is not warned about."""
     warnings = []
     if "scheduler" in ds:
         kind = ds["scheduler"].get("type", "?") if isinstance(ds["scheduler"], dict) else "?"
@@ -78,9 +89,21 @@ def deepspeed_config_warnings(ds: dict) -> list[str]:
             "--warmup_steps. Remove the block (as in ds_configs/) to use your flags."
         )
     if "optimizer" in ds:
-        kind = ds["optimizer"].get("type", "?") if isinstance(ds["optimizer"], dict) else "?"
-        warnings.append(f"the DeepSpeed config has an optimizer block ({kind}): it overrides --optim.")
+        block = ds["optimizer"] if isinstance(ds["optimizer"], dict) else {}
+        kind = block.get("type", "?")
+        fixed = sorted(k for k, v in (block.get("params") or {}).items() if v != "auto")
+        if fixed:
+            warnings.append(f"the DeepSpeed config's optimizer block ({kind}) fixes {', '.join(fixed)}: these "
+                            "override your flags. Set them to \"auto\" to use --learning_rate, --weight_decay ….")
+        if not str(optim).startswith("adamw_torch") or not offloads_optimizer(ds):
+            warnings.append(f"the DeepSpeed config has an optimizer block ({kind}): it overrides --optim {optim}"
+                            + ("." if offloads_optimizer(ds) else "; remove the block (as in ds_configs/zero2.json)."))
     return warnings
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return isinstance(offload, dict) and offload.get("device") in ("cpu", "nvme")
 
 
 def model_path(ns: argparse.Namespace) -> str | None:
@@ -116,7 +139,7 @@ def resolve_quantization(ns: argparse.Namespace, path: str | None, settings: Set
 
 def resolve_deepspeed(ns: argparse.Namespace, settings: Settings) -> None:
     ds_config = read_deepspeed_config(ns.deepspeed)
-    settings.warnings += deepspeed_config_warnings(ds_config)
+    settings.warnings += deepspeed_config_warnings(ds_config, str(getattr(ns.optim, "value", ns.optim)))
     if zero_stage(ds_config) != 3:
         return
     if settings.quant_method == "gptq":
@@ -138,7 +161,28 @@ def resolve_distributed(ns: argparse.Namespace, settings: Settings, machine: Mac
             training["ddp_backend"] = "gloo"
     if use_lora and ns.ddp_find_unused_parameters is None:
         training["ddp_find_unused_parameters"] = False  # frozen base: DDP must not wait for grads that never come
+    if use_lora and ns.ddp_broadcast_buffers is None:
+        # DDP re-broadcasts every buffer from rank 0 before each forward; GPTQ's packed weights are
+        # buffers, so that is the whole quantized model every step. A frozen base's buffers
+        # (packed weights, rotary tables) are identical on every rank by construction.
+        training["ddp_broadcast_buffers"] = False
 
+
+def resolve_fp16_trainables(ns: argparse.Namespace, settings: Settings) -> None:
+    """fp16 mixed precision cannot update fp16 parameters (GradScaler: "Attempting to unscale FP16
+    gradients"). Without DeepSpeed (whose fp16 optimizer keeps fp32 master weights itself):
+    full fine-tuning loads the base in float32 (autocast computes in fp16), and LoRA runs keep
+    every trainable parameter in float32 — adapters (peft does that), and also
+    --lora_modules_to_save copies and --lora_bias all|lora_only biases, which peft leaves in the
+    base's dtype."""
+    if not (settings.precision and settings.precision.fp16) or ns.deepspeed:
+        return
+    if settings.lora.get("use_lora", ns.use_lora):
+        settings.fp32_trainables = True
+    elif settings.quant_method is None:
+        settings.load_dtype = torch.float32
+        settings.notes.append("fp16 full fine-tuning: weights loaded in float32 (fp16 autocast computes; "
+                              "GradScaler cannot update fp16 weights).")
 
 def resolve(ns: argparse.Namespace, machine: Machine, env=os.environ) -> Settings:
     """Every setting qlaunch derives, with the problems found on the way. Does not change `ns`."""
@@ -161,6 +205,7 @@ def resolve(ns: argparse.Namespace, machine: Machine, env=os.environ) -> Setting
     if ns.deepspeed:
         resolve_deepspeed(ns, settings)
     resolve_distributed(ns, settings, machine, env)
+    resolve_fp16_trainables(ns, settings)
     if ns.warmup_ratio is not None and 0 <= ns.warmup_ratio < 1:
         settings.training["warmup_steps"] = ns.warmup_ratio  # transformers 5: warmup_steps < 1 is a ratio
     ckpt = ns.activation_checkpointing or ns.gradient_checkpointing

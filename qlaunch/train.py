@@ -35,6 +35,16 @@ def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, ca
     )
 
 
+def resume_request(resume_from_checkpoint, env) -> str | None:
+    """--resume_from_checkpoint, or `auto` when torchrun restarted the workers (MAX_RESTARTS):
+    an elastic restart continues from the newest checkpoint, as a SLURM requeue does."""
+    if resume_from_checkpoint in (None, "", False) and int(env.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0:
+        log.info("Elastic restart %s: resuming from the newest checkpoint (--resume_from_checkpoint auto).",
+                 env["TORCHELASTIC_RESTART_COUNT"])
+        return "auto"
+    return resume_from_checkpoint
+
+
 def resolve_resume(resume_from_checkpoint, output_dir: str):
     """`auto`: the newest checkpoint-* in output_dir if there is one, else a fresh start."""
     if resume_from_checkpoint in (None, "", False):

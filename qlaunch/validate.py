@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from qlaunch.files import config_file_problems
 from qlaunch.machine import Machine
 from qlaunch.precision import PRECISIONS
 
@@ -40,11 +41,7 @@ def _check_paths(ns: argparse.Namespace, problems: list[str]) -> None:
             f"--lora_weight_path: no adapter_config.json in {ns.lora_weight_path!r}; "
             "pass a directory written by a LoRA run (its --output_dir)."
         )
-    if ns.deepspeed and isinstance(ns.deepspeed, str) and not ns.deepspeed.lstrip().startswith("{"):
-        if not os.path.isfile(ns.deepspeed):
-            problems.append(f"--deepspeed: config file not found: {ns.deepspeed!r} (see ds_configs/).")
-    if ns.config and not os.path.isfile(ns.config):
-        problems.append(f"--config: file not found: {ns.config!r}.")
+    problems.extend(config_file_problems(ns.config, ns.deepspeed))
 
 
 def _check_values(ns: argparse.Namespace, problems: list[str]) -> None:

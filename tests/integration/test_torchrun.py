@@ -140,7 +140,7 @@ def test_max_restarts_c10d_restarts_a_killed_worker_and_resumes(launch_demo, run
     run, proc = launch("lora_ds.sh", ["--deepspeed", "none", "-m", str(launch_demo["model"]),
                                       "-d", str(launch_demo["data"]), "-o", str(out), "--", *args,
                                       "--per_device_train_batch_size", "1", "--save_steps", "20",
-                                      "--logging_steps", "10", "--resume_from_checkpoint", "auto",
+                                      "--logging_steps", "10",  # no --resume_from_checkpoint: a restart resumes by itself
                                       "--ddp_timeout", "180"],  # a re-rendezvous hang fails in minutes
                        out, env=env, wait=False)
     progress = re.compile(rf"\b(\d+)/{steps} \[")
@@ -158,10 +158,55 @@ def test_max_restarts_c10d_restarts_a_killed_worker_and_resumes(launch_demo, run
     os.kill(victim, signal.SIGKILL)
     finish(run, proc, timeout=600).check()
     assert "--rdzv_backend=c10d" in run.text and "--max_restarts=1" in run.text
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" in (REPO / "launch" / "common.sh").read_text()
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" in (REPO / "qlaunch" / "launch.py").read_text()
     assert re.search(r"Resuming from .*checkpoint-\d+", run.text), run.tail()
+    assert "Elastic restart 1: resuming from the newest checkpoint" in run.text, run.tail()
     info = run.run_info()
     assert info["world_size"] == 2
     assert_ranks_identical(run, 2)
     metrics = (out / "metrics.json").read_text()
     assert f'"step": {steps}' in metrics
+
+
+@pytest.mark.slow
+def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step(launch_demo, runs_dir):
+    """SLURM's warning signal reaches ranks at different times; here only rank 1 gets it. The ranks
+    agree at each step end, so both checkpoint the same step and exit 0 (no collective hang)."""
+    import os
+    import re
+    import signal
+    import time
+
+    steps = 300
+    out = runs_dir / "preempt_one_rank"
+    args = list(TINY)
+    args[args.index("--max_steps") + 1] = str(steps)
+    run, proc = launch("lora_ds.sh", ["--deepspeed", "none", "-m", str(launch_demo["model"]),
+                                      "-d", str(launch_demo["data"]), "-o", str(out), "--", *args,
+                                      "--per_device_train_batch_size", "1", "--logging_steps", "10",
+                                      "--ddp_timeout", "120"],  # a desynchronised save would fail, not hang
+                       out, env=base_env(NPROC_PER_NODE=2), wait=False)
+    progress = re.compile(rf"\b(\d+)/{steps} \[")
+    deadline = time.monotonic() + 300
+    victim = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = [int(m) for m in progress.findall(run.text)]
+        if done and max(done) >= 5:
+            victim = next((c for c in _children(proc.pid) if _local_rank(c) == "1"), None)
+            if victim:
+                break
+        time.sleep(0.3)
+    assert victim, f"no rank-1 worker found\n{run.tail()}"
+    os.kill(victim, signal.SIGUSR1)
+    finish(run, proc, timeout=300).check()
+    stops = re.findall(r"Stopped by (.+?) at step (\d+)", run.text)
+    assert sorted(reason for reason, _ in stops) == ["SIGUSR1", "a signal to another rank"], stops
+    assert len({at for _, at in stops}) == 1, stops  # the same step on both ranks
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1, checkpoints
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 0 < step < steps
+    assert (checkpoints[0] / "adapter_model.safetensors").is_file()
+    # Both ranks saved their RNG state for the same step: the checkpoint is complete.
+    assert sorted(p.name for p in checkpoints[0].glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert not (out / "adapter_model.safetensors").exists()  # stopped, not finished

@@ -1,0 +1,120 @@
+"""Derived settings decided by device facts: tested on CPU by passing a GPU's facts in."""
+import json
+import os
+
+import pytest
+import torch
+
+from qlaunch.config import parse_namespace
+from qlaunch.machine import CPU, gpu
+from qlaunch.resolve import deepspeed_config_warnings, resolve
+from tests.conftest import REPO
+
+A100, V100 = gpu((8, 0), "A100"), gpu((7, 0), "V100")
+ZERO2 = os.path.join(REPO, "ds_configs", "zero2.json")
+
+
+def ns(demo, *extra):
+    return parse_namespace(["--model_name_or_path", demo["model"], "--data_path", demo["train"], *extra])
+
+
+@pytest.mark.parametrize("extra", [["--use_lora", "--lora_modules_to_save", "embed_tokens", "lm_head"],
+                                   ["--use_lora", "--lora_bias", "all"], ["--use_lora", "--lora_bias", "lora_only"],
+                                   ["--use_lora"]])
+def test_fp16_lora_keeps_trainables_fp32(demo, extra):
+    settings = resolve(ns(demo, *extra), V100)  # auto → fp16 below capability 8.0
+    assert settings.precision.fp16 and settings.fp32_trainables and settings.load_dtype is None
+    assert settings.base_dtype == torch.float16  # the frozen base stays fp16 (half the memory)
+
+
+def test_fp16_full_fine_tuning_loads_fp32_weights(demo):
+    settings = resolve(ns(demo, "--fp16", "True"), A100)
+    assert settings.load_dtype == torch.float32 and settings.base_dtype == torch.float32
+    assert settings.compute_dtype == torch.float16 and any("fp16 full fine-tuning" in n for n in settings.notes)
+
+
+def test_no_fp32_upcast_where_it_is_not_needed(demo):
+    assert not resolve(ns(demo, "--use_lora"), A100).fp32_trainables  # bf16: no GradScaler
+    assert resolve(ns(demo), A100).load_dtype is None
+    assert not resolve(ns(demo, "--use_lora"), CPU).fp32_trainables
+    with_ds = resolve(ns(demo, "--fp16", "True", "--deepspeed", ZERO2), A100)  # DeepSpeed keeps fp32 masters
+    assert with_ds.load_dtype is None and not with_ds.fp32_trainables
+
+
+def test_fp16_trainables_crash_the_grad_scaler_until_upcast(demo):
+    """The GPU failure, reproduced with torch's real GradScaler: fp16 trainable parameters (LoRA with
+    modules_to_save and biases on an fp16 base) cannot be unscaled; after upcast_trainable_fp16 they can."""
+    from transformers import AutoModelForCausalLM
+
+    from qlaunch.model import attach_lora, upcast_trainable_fp16
+
+    def trainable_after_scaled_backward(upcast: bool):
+        model = AutoModelForCausalLM.from_pretrained(demo["model"], dtype=torch.float16)
+        lora = parse_namespace(["--use_lora", "--lora_r", "4", "--lora_bias", "all",
+                                "--lora_modules_to_save", "embed_tokens", "lm_head"])
+        model = attach_lora(model, lora, quant_method=None, gradient_checkpointing=False)
+        if upcast:
+            assert upcast_trainable_fp16(model) > 0
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(sum(p.float().pow(2).sum() for p in params)).backward()
+        scaler.unscale_(optimizer)
+        return params
+
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        trainable_after_scaled_backward(upcast=False)
+    params = trainable_after_scaled_backward(upcast=True)
+    assert all(p.dtype == torch.float32 for p in params)
+
+
+def test_frozen_base_does_not_broadcast_buffers(demo):
+    """GPTQ weights are buffers: DDP would broadcast the whole quantized model before every forward."""
+    assert resolve(ns(demo, "--use_lora"), A100).training["ddp_broadcast_buffers"] is False
+    assert resolve(ns(demo, "--q_lora"), CPU).training["ddp_broadcast_buffers"] is False
+    assert "ddp_broadcast_buffers" not in resolve(ns(demo), A100).training  # full fine-tuning: DDP's default
+    explicit = resolve(ns(demo, "--use_lora", "--ddp_broadcast_buffers", "True"), A100)
+    assert "ddp_broadcast_buffers" not in explicit.training
+
+
+def test_shipped_deepspeed_configs_raise_no_warning_of_our_own():
+    for name in ("zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"):
+        with open(os.path.join(REPO, "ds_configs", name)) as f:
+            assert deepspeed_config_warnings(json.load(f)) == [], name
+
+
+def test_optimizer_block_warnings_say_what_is_overridden():
+    with open(os.path.join(REPO, "ds_configs", "zero2_offload.json")) as f:
+        offload = json.load(f)
+    [warning] = deepspeed_config_warnings(offload, "paged_adamw_8bit")
+    assert "overrides --optim paged_adamw_8bit" in warning
+    offload["optimizer"]["params"]["lr"] = 3e-5
+    assert any("fixes lr" in w for w in deepspeed_config_warnings(offload))
+    no_offload = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}
+    assert any("remove the block" in w for w in deepspeed_config_warnings(no_offload))
+
+
+def test_zero3_partitioned_parameters_are_counted_by_ds_numel():
+    from qlaunch.model import count_parameters
+
+    model = torch.nn.Linear(4, 4)
+    model.bias.requires_grad_(False)
+    for p in model.parameters():  # what ZeRO-3 leaves on a rank: an empty tensor and the real size
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0)
+    assert count_parameters(model) == (16, 20)
+
+
+def test_elastic_restart_resumes_like_a_requeue():
+    from qlaunch.train import resume_request
+
+    assert resume_request(None, {"TORCHELASTIC_RESTART_COUNT": "1"}) == "auto"
+    assert resume_request(None, {"TORCHELASTIC_RESTART_COUNT": "0"}) is None
+    assert resume_request(None, {}) is None
+    assert resume_request("ckpt/checkpoint-5", {"TORCHELASTIC_RESTART_COUNT": "2"}) == "ckpt/checkpoint-5"
+
+
+def test_any_rank_is_the_local_flag_in_one_process():
+    from qlaunch.callbacks import any_rank
+
+    assert any_rank(True, "cpu") is True and any_rank(False, "cpu") is False

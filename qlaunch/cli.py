@@ -32,20 +32,23 @@ def use_single_process_env() -> None:
         log.info("single process with DeepSpeed: %s", " ".join(f"{k}={v}" for k, v in added.items()))
 
 
-def prepare(argv=None, machine=None):
-    """Arguments → checked, resolved Config. Raises UsageError listing every problem."""
+def prepare(argv=None, machine=None, *, process_env: bool = False):
+    """Arguments → checked, resolved Config. Raises UsageError listing every problem.
+
+    process_env: this process is the run (finetune.py's main, not a test or a tool calling in):
+    set the rank variables single-process DeepSpeed needs."""
     from qlaunch.config import build_config, parse_namespace
     from qlaunch.machine import Machine
     from qlaunch.resolve import resolve
     from qlaunch.validate import check_arguments
 
     namespace = parse_namespace(argv)
-    if namespace.deepspeed:
-        use_single_process_env()
     settings = resolve(namespace, Machine.detect() if machine is None else machine)
     problems = check_arguments(namespace) + settings.problems
     if problems:
         raise UsageError(problems)
+    if namespace.deepspeed and process_env:
+        use_single_process_env()  # before TrainingArguments, which initialises DeepSpeed's comm
     return build_config(namespace, settings)
 
 
@@ -221,7 +224,7 @@ def run(config, extra_callbacks=()) -> int:
 def main(argv=None) -> None:
     setup_logging()
     try:
-        config = prepare(argv)
+        config = prepare(argv, process_env=True)
         code = run(config)
     except UsageError as e:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:

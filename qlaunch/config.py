@@ -164,14 +164,27 @@ class Config:
         return out
 
 
+CHECKED_CHOICES = ("optim", "lr_scheduler_type", "save_strategy", "eval_strategy", "logging_strategy")
+
+
+class _Parser(transformers.HfArgumentParser):
+    def error(self, message):
+        # argparse would print the whole usage (hundreds of flags) before its message: one line instead.
+        raise UsageError(f"{message}. See `python finetune.py --help`.")
+
+
 def make_parser() -> transformers.HfArgumentParser:
-    parser = transformers.HfArgumentParser(
+    parser = _Parser(
         ARGUMENT_CLASSES,
         prog="finetune.py",
         description="Fine-tune a causal LM with LoRA or Q-LoRA (NF4 / GPTQ Int4). "
         "Flags and data format are compatible with Qwen's finetune.py.",
         allow_abbrev=False,
     )
+    for action in parser._actions:
+        if action.dest in CHECKED_CHOICES:
+            # validate_args checks these with every other problem; argparse would stop at the first.
+            action.choices = None
     for old, new in LEGACY_ALIASES.items():
         parser.add_argument(f"--{old}", dest=new, help=argparse.SUPPRESS)
     # transformers 5 folded warmup_ratio into warmup_steps (a value below 1 is a ratio).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from qlaunch.files import config_file_problems
+from qlaunch.files import config_file_problems, file_problem
 from qlaunch.machine import Machine
 from qlaunch.precision import PRECISIONS
 
@@ -32,9 +32,12 @@ def _check_paths(ns: argparse.Namespace, problems: list[str]) -> None:
         problems.append("--data_path is required: a .json or .jsonl file of training samples.")
     for flag in ("data_path", "eval_data_path"):
         path = getattr(ns, flag)
-        if path and not os.path.isfile(path):
-            problems.append(f"--{flag}: file not found: {path!r}. Pass a .json or .jsonl file.")
-        elif path and not path.endswith((".json", ".jsonl")):
+        if not path:
+            continue
+        unreadable = file_problem(path)
+        if unreadable:
+            problems.append(f"--{flag}: {unreadable} Pass a .json or .jsonl file.")
+        elif not path.endswith((".json", ".jsonl")):
             problems.append(f"--{flag}: {path!r} must end in .json (a list of records) or .jsonl (one per line).")
     if ns.lora_weight_path and not os.path.isfile(os.path.join(ns.lora_weight_path, "adapter_config.json")):
         problems.append(
@@ -72,11 +75,135 @@ def _check_values(ns: argparse.Namespace, problems: list[str]) -> None:
         problems.append(f"--quantization {ns.quantization} has no effect without --q_lora.")
 
 
+def _value(x):
+    return getattr(x, "value", x)  # transformers' enums → their string
+
+
+def _check_training(ns: argparse.Namespace, problems: list[str]) -> None:
+    """The Trainer's numbers and choices, checked before anything loads (torch would only
+    complain after the model is loaded: a negative learning rate in the optimizer, batch size 0
+    in the sampler)."""
+    from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    def at_least(flag, low, fix=""):
+        value = getattr(ns, flag)
+        if value is not None and value < low:
+            problems.append(f"--{flag} {value}: must be at least {low}{fix}.")
+
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        at_least(flag, 1)
+    if ns.learning_rate < 0:
+        problems.append(f"--learning_rate {ns.learning_rate}: must not be negative (e.g. 2e-4 for LoRA).")
+    for flag in ("warmup_steps", "max_grad_norm", "weight_decay", "dataloader_num_workers"):
+        at_least(flag, 0)
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(ns, flag) < 1:
+            problems.append(f"--{flag} {getattr(ns, flag)}: must be in [0, 1) (e.g. 0.9, 0.95, 0.999).")
+    if ns.adam_epsilon <= 0:
+        problems.append(f"--adam_epsilon {ns.adam_epsilon}: must be positive (e.g. 1e-8).")
+    if ns.max_steps == 0 or ns.max_steps < -1:
+        problems.append(f"--max_steps {ns.max_steps}: pass a positive number of steps, or -1 to train "
+                        "--num_train_epochs epochs.")
+    if ns.max_steps <= 0 and ns.num_train_epochs <= 0:
+        problems.append(f"--num_train_epochs {ns.num_train_epochs}: nothing to train; pass a positive number "
+                        "(or --max_steps N).")
+    for flag in ("logging_steps", "save_steps", "eval_steps"):
+        value = getattr(ns, flag)
+        if value is not None and value <= 0:
+            problems.append(f"--{flag} {value}: must be positive (a step count, or a fraction of the run below 1).")
+    for flag in ("seed", "data_seed"):
+        value = getattr(ns, flag)
+        if value is not None and not 0 <= value < 2**32:
+            problems.append(f"--{flag} {value}: must be in [0, 2**32) (numpy's seed range).")
+    if ns.save_total_limit is not None and ns.save_total_limit < 1:
+        problems.append(f"--save_total_limit {ns.save_total_limit}: keep at least 1 checkpoint (or leave it unset).")
+    choices = {
+        "optim": [o.value for o in OptimizerNames],
+        "lr_scheduler_type": [t.value for t in SchedulerType],
+        "save_strategy": [t.value for t in SaveStrategy],
+        "eval_strategy": [t.value for t in IntervalStrategy],
+        "logging_strategy": [t.value for t in IntervalStrategy],
+    }
+    for flag, allowed in choices.items():
+        value = _value(getattr(ns, flag))
+        if value not in allowed:
+            shown = ", ".join(allowed[:12]) + (", …" if len(allowed) > 12 else "")
+            problems.append(f"--{flag} {value!r}: choose one of {shown}.")
+    if _value(ns.eval_strategy) not in ("no", None) and not ns.eval_data_path:
+        problems.append(f"--eval_strategy {_value(ns.eval_strategy)} needs --eval_data_path (a held-out data file).")
+    problems.extend(report_to_problems(ns.report_to))
+
+
+def report_to_problems(report_to) -> list[str]:
+    """Unknown or not-installed --report_to targets (the Trainer fails late, or silently skips)."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    targets = [t for part in targets for t in str(part).split(",") if t.strip()]
+    problems = []
+    for target in targets:
+        target = target.strip()
+        if target in ("none", "all"):
+            continue
+        if target not in INTEGRATION_TO_CALLBACK:
+            problems.append(f"--report_to {target!r}: unknown; choose none, all or one of "
+                            f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}.")
+        elif target not in get_available_reporting_integrations():
+            problems.append(f"--report_to {target}: not installed (pip install {target}), or use --report_to none.")
+    return problems
+
+
+def _check_output_dir(ns: argparse.Namespace, problems: list[str]) -> None:
+    """--output_dir must be creatable and writable now, not after an hour of training."""
+    out = ns.output_dir
+    if not out:
+        return
+    path = os.path.abspath(os.path.expanduser(out))
+    if os.path.exists(path) and not os.path.isdir(path):
+        problems.append(f"--output_dir {out!r}: exists and is not a directory; pass a directory.")
+        return
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        problems.append(f"--output_dir {out!r}: cannot be created ({parent!r} is a file); pass another directory.")
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        problems.append(f"--output_dir {out!r}: {parent!r} is not writable; pass a directory you can write to.")
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _check_model_dir(ns: argparse.Namespace, problems: list[str]) -> None:
+    """A local model directory needs a config.json and weights (unless only planning: --dry_run)."""
+    path = ns.model_name_or_path
+    if not path or not os.path.isdir(os.path.expanduser(path)):
+        return
+    path = os.path.expanduser(path)
+    if not os.access(path, os.R_OK | os.X_OK):
+        problems.append(f"--model_name_or_path {path!r}: directory not readable; check its permissions.")
+        return
+    names = os.listdir(path)
+    if "config.json" not in names:
+        problems.append(f"--model_name_or_path {path!r}: no config.json; pass a directory saved by "
+                        "save_pretrained (or a hub id).")
+    elif not ns.dry_run and not any(n.endswith(WEIGHT_FILES) for n in names):
+        problems.append(f"--model_name_or_path {path!r}: no weights (*.safetensors / *.bin) beside config.json; "
+                        "download the full checkpoint.")
+
+
 def check_arguments(ns: argparse.Namespace) -> list[str]:
     """Problems with the arguments themselves (no checkpoint, no machine)."""
     problems: list[str] = []
     _check_paths(ns, problems)
+    _check_model_dir(ns, problems)
+    _check_output_dir(ns, problems)
     _check_values(ns, problems)
+    _check_training(ns, problems)
     return problems
 
 

@@ -29,13 +29,30 @@ ROLE_NAMES = {
 MAX_REPORTED = 5  # problems listed per file before "and N more"
 
 
+def read_text(path: str) -> str:
+    """The file as UTF-8 text; unreadable or non-UTF-8 content is a UsageError naming the place."""
+    from qlaunch.files import file_problem
+
+    problem = file_problem(path)
+    if problem:
+        raise UsageError(f"data file: {problem} Pass a .json or .jsonl file.")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UsageError(f"data file {path!r}: cannot be read ({e.strerror}).") from None
+    try:
+        return raw.decode("utf-8-sig")  # a UTF-8 BOM (some Windows editors write one) is fine
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UsageError(f"{path}: not valid UTF-8 at byte {e.start} (line {line}): {raw[e.start:e.start + 4]!r}. "
+                         "Save the file as UTF-8.") from None
+
+
 def read_records(path: str) -> list[Any]:
-    """Load a .json list or a .jsonl file; malformed content is a UsageError naming the line."""
+    """Load a .json list or a .jsonl file; malformed content is a UsageError naming line and column."""
     flag_hint = "Pass a .json file holding a list of records, or a .jsonl file with one record per line."
-    if not os.path.isfile(path):
-        raise UsageError(f"data file not found: {path!r}. {flag_hint}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     if path.endswith(".jsonl"):
         records = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -44,12 +61,14 @@ def read_records(path: str) -> list[Any]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg}). Each line of a .jsonl file is one JSON record.") from None
+                raise UsageError(f"{path}:{lineno}:{e.colno}: not valid JSON ({e.msg}). "
+                                 "Each line of a .jsonl file is one JSON record.") from None
     else:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg}). {flag_hint}") from None
+            hint = " (one record per line? name the file .jsonl)" if e.msg == "Extra data" else ""
+            raise UsageError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}){hint}. {flag_hint}") from None
         if not isinstance(records, list):
             raise UsageError(f"{path}: expected a JSON list of records, got {type(records).__name__}. {flag_hint}")
     if not records:

@@ -63,9 +63,9 @@ def test_bad_arguments_exit_2_with_usage_on_stderr(script, args):
 
 def test_missing_files_are_reported_before_launching(tmp_path):
     r = sh("lora_ds.sh", "-m", "m", "-d", "d", "--deepspeed", str(tmp_path / "nope.json"))
-    assert r.returncode == 2 and "no such file" in r.stderr
+    assert r.returncode == 2 and "file not found" in r.stderr
     r = sh("lora_ds.sh", "-c", str(tmp_path / "nope.yaml"))
-    assert r.returncode == 2 and "no such file" in r.stderr
+    assert r.returncode == 2 and "file not found" in r.stderr
 
 
 def test_multinode_needs_master_addr_and_a_valid_rank():

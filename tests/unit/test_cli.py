@@ -63,3 +63,19 @@ def test_every_sample_dropped_is_an_error(demo, tmp_path):
                           str(tmp_path / "o"), "--use_lora", "--model_max_length", "20")
     assert_usage_error(result, "every sample was dropped", "Raise --model_max_length")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_three_former_tracebacks_are_usage_errors(demo, tmp_path):
+    """Invalid UTF-8 data, a negative learning rate and batch size 0 once ended in tracebacks (exit 1),
+    the last two only after the model had loaded. Now: one message, exit 2, nothing written."""
+    data = tmp_path / "latin1.json"
+    data.write_bytes('[{"instruction": "Caf\u00e9?", "output": "oui"}]'.encode("latin-1"))
+    out = tmp_path / "out"
+    result = run_finetune("--model_name_or_path", demo["model"], "--data_path", str(data), "--output_dir", str(out),
+                          "--use_lora")
+    assert_usage_error(result, "latin1.json: not valid UTF-8 at byte 21 (line 1)", "Save the file as UTF-8")
+    result = run_finetune("--model_name_or_path", demo["model"], "--data_path", demo["train"], "--output_dir",
+                          str(out), "--use_lora", "--learning_rate", "-1", "--per_device_train_batch_size", "0")
+    assert_usage_error(result, "2 problems", "--learning_rate -1.0: must not be negative",
+                       "--per_device_train_batch_size 0: must be at least 1")
+    assert "Loading" not in result.stderr and not out.exists()

@@ -68,7 +68,7 @@ def test_jsonl_and_json_files(tmp_path):
 def test_bad_jsonl_line_is_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"messages": []}\n{oops\n')
-    with pytest.raises(UsageError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(UsageError, match=r"bad.jsonl:2:\d+: not valid JSON"):
         load_samples(str(path), SYS)
 
 

@@ -145,8 +145,8 @@ def test_slurm_outside_a_job_is_refused():
     (["--model="], "needs a non-empty value"),
     (["-d", "d"], "-m/--model is required"),
     (["-m", "m"], "-d/--data is required"),
-    (["-c", "/nope.yaml"], "--config: no such file"),
-    (["-m", "m", "-d", "d", "--deepspeed", "/nope.json"], "--deepspeed: no such file"),
+    (["-c", "/nope.yaml"], "--config: file not found"),
+    (["-m", "m", "-d", "d", "--deepspeed", "/nope.json"], "--deepspeed: file not found"),
 ])
 def test_bad_flags_are_launch_errors(argv, message):
     with pytest.raises(LaunchError, match=message):

@@ -1,0 +1,147 @@
+"""A corpus of bad inputs: each gets exit code 2, one message naming the problem and the fix,
+no traceback, and nothing created in --output_dir — before the model is loaded.
+
+Each case is (name, function(tmp_path, demo) → extra argv, expected substring). The base command
+is a valid LoRA run on the demo model; the case adds or replaces what makes it bad.
+"""
+import json
+import os
+import shutil
+
+import pytest
+
+from qlaunch.cli import main
+
+
+def write(tmp_path, name, content, mode="w"):
+    path = tmp_path / name
+    if mode == "wb":
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return str(path)
+
+
+def data(tmp_path, records):
+    return ["--data_path", write(tmp_path, "data.json", json.dumps(records))]
+
+
+def model_copy(tmp_path, demo, drop):
+    target = tmp_path / "model_copy"
+    shutil.copytree(demo["model"], target)
+    for name in os.listdir(target):
+        if name.endswith(drop):
+            os.remove(target / name)
+    return ["--model_name_or_path", str(target)]
+
+
+def flags(*argv):
+    return lambda tmp_path, demo: list(argv)
+
+
+CASES = [
+    # ---- numbers and choices the Trainer (and torch) would only reject after loading the model
+    ("negative lr", flags("--learning_rate", "-1"), "--learning_rate -1.0: must not be negative"),
+    ("batch 0", flags("--per_device_train_batch_size", "0"), "--per_device_train_batch_size 0: must be at least 1"),
+    ("eval batch 0", flags("--per_device_eval_batch_size", "0"), "--per_device_eval_batch_size 0: must be at least 1"),
+    ("accumulation 0", flags("--gradient_accumulation_steps", "0"), "--gradient_accumulation_steps 0: must be at"),
+    ("max_steps 0", flags("--max_steps", "0"), "--max_steps 0: pass a positive number of steps, or -1"),
+    ("max_steps -5", flags("--max_steps", "-5"), "--max_steps -5: pass a positive number"),
+    ("epochs 0", flags("--num_train_epochs", "0"), "--num_train_epochs 0.0: nothing to train"),
+    ("logging_steps 0", flags("--logging_steps", "0"), "--logging_steps 0.0: must be positive"),
+    ("save_steps -1", flags("--save_steps", "-1"), "--save_steps -1.0: must be positive"),
+    ("eval_steps 0", flags("--eval_steps", "0"), "--eval_steps 0.0: must be positive"),
+    ("save strategy", flags("--save_strategy", "sometimes"), "--save_strategy 'sometimes': choose one of no, steps"),
+    ("logging strategy", flags("--logging_strategy", "hourly"), "--logging_strategy 'hourly': choose one of"),
+    ("not a number", flags("--lora_r", "eight"), "argument --lora_r/--lora-r: invalid int value: 'eight'"),
+    ("eval without data", flags("--eval_strategy", "steps"), "--eval_strategy steps needs --eval_data_path"),
+    ("warmup steps", flags("--warmup_steps", "-3"), "--warmup_steps -3.0: must be at least 0"),
+    ("warmup ratio", flags("--warmup_ratio", "1.5"), "--warmup_ratio 1.5: must be in [0, 1)"),
+    ("max_grad_norm", flags("--max_grad_norm", "-1"), "--max_grad_norm -1.0: must be at least 0"),
+    ("weight decay", flags("--weight_decay", "-0.1"), "--weight_decay -0.1: must be at least 0"),
+    ("adam beta2", flags("--adam_beta2", "1.0"), "--adam_beta2 1.0: must be in [0, 1)"),
+    ("adam epsilon", flags("--adam_epsilon", "0"), "--adam_epsilon 0.0: must be positive"),
+    ("negative seed", flags("--seed", "-1"), "--seed -1: must be in [0, 2**32)"),
+    ("huge data seed", flags("--data_seed", "5000000000"), "--data_seed 5000000000: must be in [0, 2**32)"),
+    ("optimizer name", flags("--optim", "adamw_fancy"), "--optim 'adamw_fancy': choose one of adamw_torch"),
+    ("scheduler name", flags("--lr_scheduler_type", "cosine_fancy"), "--lr_scheduler_type 'cosine_fancy': choose"),
+    ("unknown report target", flags("--report_to", "carrier_pigeon"), "--report_to 'carrier_pigeon': unknown"),
+    ("report target not installed", flags("--report_to", "neptune"), "--report_to neptune: not installed"),
+    ("save_total_limit 0", flags("--save_total_limit", "0"), "--save_total_limit 0: keep at least 1 checkpoint"),
+    ("workers -1", flags("--dataloader_num_workers", "-1"), "--dataloader_num_workers -1: must be at least 0"),
+    ("lora rank 0", flags("--lora_r", "0"), "--lora_r 0: the LoRA rank must be at least 1"),
+    ("lora alpha 0", flags("--lora_alpha", "0"), "--lora_alpha 0: must be positive"),
+    ("lora dropout 1", flags("--lora_dropout", "1.0"), "--lora_dropout 1.0: must be in [0, 1)"),
+    ("lora bias", flags("--lora_bias", "some"), "--lora_bias 'some': choose one of none, all, lora_only"),
+    ("max length 4", flags("--model_max_length", "4"), "--model_max_length 4: must be at least 8 tokens"),
+    ("truncation", flags("--truncation", "chop"), "--truncation 'chop': choose one of truncate, drop"),
+    ("quantization", flags("--q_lora", "--quantization", "int3"), "--quantization 'int3': choose one of"),
+    ("precision", flags("--precision", "fp8"), "--precision 'fp8': choose one of auto, bf16, fp16, fp32"),
+    ("fp16 and bf16", flags("--fp16", "True", "--bf16", "True"), "--fp16 and --bf16 are both set: choose one"),
+    ("drop with lazy", flags("--truncation", "drop", "--lazy_preprocess", "True"), "remove --lazy_preprocess"),
+    ("unknown flag", flags("--lora_rank", "8"), "unknown arguments: --lora_rank"),
+    # ---- data files
+    ("data missing", lambda t, d: ["--data_path", str(t / "missing.json")], "--data_path: file not found"),
+    ("data is a directory", lambda t, d: ["--data_path", str(t)], "is a directory, not a file"),
+    ("data suffix", lambda t, d: ["--data_path", write(t, "d.txt", "[]")], "must end in .json"),
+    ("invalid utf-8", lambda t, d: ["--data_path", write(t, "d.json", b'[{"instruction": "caf\xe9"}]', "wb")],
+     "not valid UTF-8 at byte 21 (line 1)"),
+    ("json syntax", lambda t, d: ["--data_path", write(t, "d.json", '[\n  {"messages": [}\n]')],
+     "d.json:2:17: not valid JSON"),
+    ("jsonl bad line", lambda t, d: ["--data_path", write(t, "d.jsonl", '{"instruction": "a", "output": "b"}\n{oops\n')],
+     "d.jsonl:2:2: not valid JSON"),
+    ("jsonl named json", lambda t, d: ["--data_path", write(t, "d.json", '{"a": 1}\n{"a": 2}\n')],
+     "one record per line? name the file .jsonl"),
+    ("json not a list", lambda t, d: ["--data_path", write(t, "d.json", '{"messages": []}')],
+     "expected a JSON list of records, got dict"),
+    ("no records", lambda t, d: data(t, []), "no records"),
+    ("no assistant turn", lambda t, d: data(t, [{"id": "a7", "conversations": [{"from": "user", "value": "hi"}]}]),
+     "record 0 (id 'a7') has no assistant turn"),
+    ("unknown role", lambda t, d: data(t, [{"messages": [{"role": "robot", "content": "x"}]}]),
+     "turn 0 has role 'robot'"),
+    ("unknown record shape", lambda t, d: data(t, [{"text": "x"}]), "expected 'conversations' (Qwen)"),
+    ("bad eval data", lambda t, d: ["--eval_data_path", write(t, "e.json", "[1, 2")], "e.json:1:6: not valid JSON"),
+    ("every sample dropped", flags("--model_max_length", "20"), "every sample was dropped"),
+    # ---- model, adapter, DeepSpeed, recipe, output directory
+    ("model dir missing", lambda t, d: ["--model_name_or_path", str(t / "nope")], "directory not found"),
+    ("model without config", lambda t, d: model_copy(t, d, "config.json"), "no config.json"),
+    ("model without weights", lambda t, d: model_copy(t, d, ".safetensors"), "no weights (*.safetensors / *.bin)"),
+    ("adapter missing", lambda t, d: ["--lora_weight_path", str(t)], "--lora_weight_path: no adapter_config.json"),
+    ("deepspeed missing", lambda t, d: ["--deepspeed", str(t / "ds.json")], "--deepspeed: file not found"),
+    ("deepspeed bad json", lambda t, d: ["--deepspeed", write(t, "ds.json", '{"zero_optimization": {,}}')],
+     "not valid JSON (line 1, column 24"),
+    ("recipe missing", lambda t, d: ["--config", str(t / "r.yaml")], "--config: file not found"),
+    ("recipe bad yaml", lambda t, d: ["--config", write(t, "r.yaml", "lora_r: [8\n")], "not valid YAML"),
+    ("recipe unknown key", lambda t, d: ["--config", write(t, "r.yaml", "lora_rank: 8\n")], "unknown keys lora_rank"),
+    ("output dir is a file", lambda t, d: ["--output_dir", write(t, "out", "x")], "exists and is not a directory"),
+    ("output dir under a file", lambda t, d: ["--output_dir", os.path.join(write(t, "f", "x"), "out")],
+     "cannot be created"),
+]
+
+
+@pytest.mark.parametrize("name,extra,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exit_2_one_message_nothing_written(name, extra, expected, demo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # main() may set rank variables; keep them here
+    out = tmp_path / "run"
+    argv = ["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--output_dir", str(out),
+            "--use_lora", "--report_to", "none", *extra(tmp_path, demo)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-3000:]
+    assert expected in err, err[-3000:]
+    assert "Traceback" not in err
+    assert err.count("finetune.py: error:") == 1
+    assert not out.exists(), f"{name}: {out} was created"
+
+
+def test_corpus_is_large_enough():
+    assert len(CASES) >= 40
+
+
+def test_problems_are_reported_together(demo, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--output_dir", str(tmp_path / "o"),
+              "--learning_rate", "-1", "--per_device_train_batch_size", "0", "--optim", "x", "--lora_r", "0"])
+    err = capsys.readouterr().err
+    assert "finetune.py: error: 4 problems:" in err

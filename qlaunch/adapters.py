@@ -28,11 +28,47 @@ def adapter_base(adapter_dir: str) -> str:
         return json.load(f)["base_model_name_or_path"]
 
 
+REMOTE_CODE = (
+    "{what} {path!r} runs code shipped with the checkpoint ({why}): pass --trust_remote_code "
+    "if you trust it (the run that trained this adapter did)."
+)
+
+
+def remote_code_problem(base: str, adapter: str | None, trust_remote_code: bool) -> str | None:
+    """Why loading needs --trust_remote_code and it was not given, checked before any weights load."""
+    if trust_remote_code:
+        return None
+    if adapter and read_run_info(adapter).get("trust_remote_code"):
+        return REMOTE_CODE.format(what="the base of adapter", path=adapter,
+                                  why="its run_info.json records trust_remote_code")
+    config_path = os.path.join(base, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if config.get("auto_map"):
+            return REMOTE_CODE.format(what="the model", path=base, why="its config.json has auto_map")
+        if config.get("model_type") not in CONFIG_MAPPING:
+            return REMOTE_CODE.format(what="the model", path=base,
+                                      why=f"model_type {config.get('model_type')!r} is not built into transformers")
+    return None
+
+
+def inference_dtype(quant: str | None, machine) -> torch.dtype:
+    if not machine.cuda:
+        return torch.float32
+    if quant == "gptq":
+        return torch.float16
+    return torch.bfloat16 if machine.bf16 else torch.float16  # by capability: V100/T4 emulate bf16 slowly
+
+
 def load_for_inference(
     base: str | None = None,
     adapter: str | None = None,
     quantization: str | None = "auto",
     device: str | None = None,
+    trust_remote_code: bool = False,
 ):
     """Return (model, tokenizer) in eval mode.
 
@@ -46,34 +82,35 @@ def load_for_inference(
         if adapter is None:
             raise UsageError("pass --base MODEL, --adapter DIR, or both.")
         base = adapter_base(adapter)
+    problem = remote_code_problem(base, adapter, trust_remote_code)
+    if problem:
+        raise UsageError(problem)
     info = read_run_info(adapter) if adapter else {}
     if quantization == "auto":
         quant = info.get("quant_method")
-        if quant is None and checkpoint_quant_method(base) == "gptq":
+        if quant is None and checkpoint_quant_method(base, trust_remote_code) == "gptq":
             quant = "gptq"
     else:
         quant = None if quantization in (None, "none") else quantization
 
-    cuda = torch.cuda.is_available() and device != "cpu"
-    if quant == "gptq":
-        dtype = torch.float16 if cuda else torch.float32
-    elif cuda:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.float32
+    from qlaunch.machine import CPU, Machine
+
+    machine = CPU if device == "cpu" else Machine.detect()
+    cuda = machine.cuda
+    dtype = inference_dtype(quant, machine)
     lora_args = SimpleNamespace(
         bnb_4bit_use_double_quant=info.get("bnb_4bit_use_double_quant", True),
         bnb_4bit_quant_storage=None,
     )
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype, "device_map": {"": 0 if cuda else "cpu"}}
+    kwargs = {"dtype": dtype, "device_map": {"": 0 if cuda else "cpu"}, "trust_remote_code": trust_remote_code}
     # A GPTQ checkpoint's own quantization_config loads it with gptqmodel's fastest inference kernel.
     qc = None if quant == "gptq" else quantization_config(quant, dtype, lora_args)
     if qc is not None:
         kwargs["quantization_config"] = qc
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    tokenizer = load_tokenizer(adapter if adapter and _has_tokenizer(adapter) else base)
+    tokenizer = load_tokenizer(adapter if adapter and _has_tokenizer(adapter) else base, trust_remote_code)
     if adapter:
         from peft import PeftModel
 

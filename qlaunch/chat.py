@@ -44,6 +44,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantization", default="auto", choices=["auto", "none", "nf4", "fp4", "gptq"],
                         help="how to load the base (auto: as the adapter was trained)")
     parser.add_argument("--prompt", help="answer this one prompt and exit")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run code shipped with the base checkpoint (needed when training needed it)")
     parser.add_argument("--system", default="You are a helpful assistant.", help="system prompt ('' for none)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -55,7 +57,8 @@ def main(argv=None) -> None:
     try:
         from qlaunch.adapters import load_for_inference
 
-        model, tokenizer = load_for_inference(args.base, args.adapter, args.quantization)
+        model, tokenizer = load_for_inference(args.base, args.adapter, args.quantization,
+                                              trust_remote_code=args.trust_remote_code)
     except UsageError as e:
         print(e.render("qlaunch.chat"), file=sys.stderr)
         sys.exit(2)

@@ -84,6 +84,8 @@ def main(argv=None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="generate for at most this many samples")
     parser.add_argument("--system_message", default="You are a helpful assistant.")
     parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run code shipped with the base checkpoint (needed when training needed it)")
     parser.add_argument("--show", type=int, default=3, help="print this many sample replies")
     args = parser.parse_args(argv)
     if args.compare:
@@ -95,7 +97,7 @@ def main(argv=None) -> None:
         from qlaunch.adapters import load_for_inference
 
         samples = load_samples(args.data, args.system_message)
-        model, tokenizer = load_for_inference(args.base, args.adapter)
+        model, tokenizer = load_for_inference(args.base, args.adapter, trust_remote_code=args.trust_remote_code)
     except UsageError as e:
         print(e.render("qlaunch.evaluate"), file=sys.stderr)
         sys.exit(2)

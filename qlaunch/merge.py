@@ -59,23 +59,29 @@ def plain_copy(quantized_model, dtype: torch.dtype):
     return plain.to(dtype)
 
 
-def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32") -> dict:
+def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32",
+          trust_remote_code: bool = False) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlaunch.adapters import adapter_base, load_for_inference, read_run_info
+    from qlaunch.adapters import adapter_base, load_for_inference, read_run_info, remote_code_problem
     from qlaunch.model import load_tokenizer
 
     base = base or adapter_base(adapter)
+    problem = remote_code_problem(base, adapter, trust_remote_code)
+    if problem:
+        raise UsageError(problem)
     quant = read_run_info(adapter).get("quant_method")
     if quant == "gptq":  # the trainable kernel keeps the packed layout that dequantize_weight() reads
         from qlaunch.gptq import gptq_training_config
 
         base_model = AutoModelForCausalLM.from_pretrained(
-            base, quantization_config=gptq_training_config(), device_map={"": "cpu"}, dtype=torch.float32)
-        tokenizer = load_tokenizer(base)
+            base, quantization_config=gptq_training_config(), device_map={"": "cpu"}, dtype=torch.float32,
+            trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(base, trust_remote_code)
     else:
-        base_model, tokenizer = load_for_inference(base, None, quantization=quant or "none", device="cpu")
+        base_model, tokenizer = load_for_inference(base, None, quantization=quant or "none", device="cpu",
+                                                   trust_remote_code=trust_remote_code)
     plain = plain_copy(base_model, torch.float32) if quant else base_model.float()
     merged = PeftModel.from_pretrained(plain, adapter).merge_and_unload()
     merged = merged.to(getattr(torch, dtype))
@@ -95,9 +101,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="directory for the merged model")
     parser.add_argument("--base", help="base model (default: the one recorded in the adapter)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run code shipped with the base checkpoint (needed when training needed it)")
     args = parser.parse_args(argv)
     try:
-        info = merge(args.adapter, args.out, args.base, args.dtype)
+        info = merge(args.adapter, args.out, args.base, args.dtype, args.trust_remote_code)
     except UsageError as e:
         print(e.render("qlaunch.merge"), file=sys.stderr)
         sys.exit(2)

@@ -85,6 +85,7 @@ def run_info(config, trainer, trainable: int, total: int, targets) -> dict:
         "ddp_backend": args.ddp_backend,
         "deepspeed": bool(args.deepspeed),
         "base_model": config.model.model_name_or_path,
+        "trust_remote_code": config.model.trust_remote_code,  # chat / evaluate / merge need it too
         "quant_method": config.quant_method,
         "bnb_4bit_use_double_quant": config.lora.bnb_4bit_use_double_quant if config.quant_method else None,
         "compute_dtype": str(config.compute_dtype).replace("torch.", ""),

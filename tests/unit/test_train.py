@@ -49,7 +49,7 @@ def test_lora_loss_decreases_and_outputs_written(lora_run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["last_loss"] < metrics["first_loss"]
     info = json.loads((out / "run_info.json").read_text())
-    assert info["world_size"] == 1 and info["quant_method"] is None
+    assert info["world_size"] == 1 and info["quant_method"] is None and info["trust_remote_code"] is False
     assert info["lora_target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 

@@ -86,6 +86,10 @@ def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False):
     template = ensure_chat_template(tokenizer)
     if template == "chatml":
         log.info("Tokenizer has no chat template: using ChatML (<|im_start|>role ... <|im_end|>).")
+    elif template == "llama2":
+        log.info("Tokenizer has no chat template and no ChatML tokens: using Llama-2's chat format "
+                 "([INST] ... [/INST] answer %s); the answer and EOS are trained, so generation stops at EOS.",
+                 tokenizer.eos_token)
     ensure_pad_token(tokenizer)
     return tokenizer
 

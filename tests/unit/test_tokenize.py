@@ -127,7 +127,10 @@ def test_template_without_end_token_trains_whole_turn(tokenizer):
         "{% if add_generation_prompt %}assistant: {% endif %}"
     )
     item = tokenize_messages(tok, to_messages({"instruction": "Opposite of up?", "output": "down"}, ""), 512)
-    assert trained_text(tok, item) == "down\n"
+    # The conversation is tokenized whole, so " down" (space included) is one token and it is trained.
+    assert trained_text(tok, item) == " down\n"
+    assert item["input_ids"] == ids(tok, tok.apply_chat_template(
+        to_messages({"instruction": "Opposite of up?", "output": "down"}, ""), tokenize=False))
 
 
 def test_lazy_dataset_tokenizes_on_access_and_skips_label_less_samples(tokenizer, tmp_path):
@@ -170,5 +173,5 @@ def test_template_that_rewrites_history_is_refused(tokenizer):
     )
     record = {"conversations": [{"from": "user", "value": "a"}, {"from": "assistant", "value": "b"},
                                 {"from": "user", "value": "c"}, {"from": "assistant", "value": "d"}]}
-    with pytest.raises(UsageError, match="does not render conversations prefix by prefix"):
+    with pytest.raises(UsageError, match="does not render assistant turn 1 of 2 exactly once"):
         tokenize_messages(tok, to_messages(record, SYS), 512)

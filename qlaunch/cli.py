@@ -144,12 +144,33 @@ def describe_run(config, trainer, model, targets) -> dict:
     return info
 
 
-def save_results(config, trainer, result, info, train_dataset, eval_dataset) -> None:
+def verify_final_save(config, trainer) -> str | None:
+    """Read the saved adapter back (main process); every rank learns the verdict. None if fine."""
+    from qlaunch.callbacks import any_rank
+
+    problems = []
+    if config.lora.use_lora and trainer.is_world_process_zero():
+        from qlaunch.verify import verify_saved_adapter
+
+        problems = verify_saved_adapter(trainer.model, config.training.output_dir,
+                                        partitioned=is_zero3(config.training))
+    if any_rank(bool(problems), trainer.args.device):
+        return ("the saved adapter does not match the trained model: " + " ".join(problems)
+                if problems else "the saved adapter failed verification on the main process.")
+    return None
+
+
+def save_results(config, trainer, result, info, train_dataset, eval_dataset) -> str | None:
+    """Save, verify and report; returns the verification failure, if any."""
+    from qlaunch.checkpoints import save_final
     from qlaunch.report import write_report
     from qlaunch.train import save_json
 
     targs = config.training
-    trainer.save_model(targs.output_dir)  # adapter only for LoRA (gathered under ZeRO-3), + tokenizer
+    save_final(trainer, targs.output_dir)  # adapter only for LoRA (gathered under ZeRO-3), + tokenizer
+    failure = verify_final_save(config, trainer)
+    if failure:
+        return failure
     metrics = dict(result.metrics)
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
@@ -159,13 +180,15 @@ def save_results(config, trainer, result, info, train_dataset, eval_dataset) -> 
         name = os.path.basename(config.model.model_name_or_path.rstrip("/"))
         write_report(targs.output_dir, metrics, trainer.state.log_history,
                      f"{name} · {config.quant_method or 'full precision'}")
-        log.info("Saved %s to %s (metrics.json, loss_curve.png, run_info.json)",
-                 "adapter" if config.lora.use_lora else "model", targs.output_dir)
+        log.info("Saved %s to %s (metrics.json, loss_curve.png, run_info.json)%s",
+                 "adapter" if config.lora.use_lora else "model", targs.output_dir,
+                 "; read back and verified" if config.lora.use_lora else "")
+    return None
 
 
 @dataclass
 class Outcome:
-    """How a run ended. status: done | dry_run | preempted | non_finite."""
+    """How a run ended. status: done | dry_run | preempted | non_finite | verify_failed."""
 
     status: str
     trainer: Any = None
@@ -174,14 +197,14 @@ class Outcome:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.status == "non_finite" else 0
+        return 1 if self.status in ("non_finite", "verify_failed") else 0
 
 
 def fit(config, extra_callbacks=()) -> Outcome:
     """Load, train, save and report."""
     from qlaunch.callbacks import NonFiniteLossGuard, PreemptionCallback
     from qlaunch.model import load_tokenizer
-    from qlaunch.train import build_trainer, requeue_if_slurm, resolve_resume, resume_request
+    from qlaunch.train import build_trainer, requeue_if_slurm, resolve_resume, resume_request, train_or_finish
 
     targs = config.training
     for note in config.notes:
@@ -201,7 +224,7 @@ def fit(config, extra_callbacks=()) -> Outcome:
                             [preemption, guard, *extra_callbacks])
     info = describe_run(config, trainer, model, targets)
     resume = resolve_resume(resume_request(targs.resume_from_checkpoint, os.environ), targs.output_dir)
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = train_or_finish(trainer, resume)
 
     if guard.bad_step is not None:
         log.error(guard.message())
@@ -212,24 +235,38 @@ def fit(config, extra_callbacks=()) -> Outcome:
         log.warning(message)
         requeue_if_slurm()
         return Outcome("preempted", trainer, message, preemption.stopped_at_step)
-    save_results(config, trainer, result, info, train_dataset, eval_dataset)
+    failure = save_results(config, trainer, result, info, train_dataset, eval_dataset)
+    if failure:
+        log.error(failure)
+        return Outcome("verify_failed", trainer, failure)
     return Outcome("done", trainer)
 
 
 def run(config, extra_callbacks=()) -> int:
-    """Exit code of a run: 0 done (or preempted and checkpointed), 1 non-finite loss."""
+    """Exit code of a run: 0 done (or preempted and checkpointed), 1 non-finite loss or failed verification."""
     return fit(config, extra_callbacks).exit_code
 
 
-def main(argv=None) -> None:
+def main(argv=None, extra_callbacks=()) -> None:
+    """Exit codes: 0 done (or preempted and checkpointed), 1 non-finite loss or failed verification,
+    2 bad input, 3 out of GPU memory."""
+    import torch
+
+    from qlaunch import oom
+
     setup_logging()
+    config = None
     try:
         config = prepare(argv, process_env=True)
-        code = run(config)
+        code = run(config, extra_callbacks)
     except UsageError as e:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             print(e.render(), file=sys.stderr)
         sys.exit(2)
+    except torch.OutOfMemoryError as e:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(oom.oom_report(config, e, oom.device_memory()), file=sys.stderr)
+        sys.exit(oom.EXIT_CODE)
     sys.exit(code)
 
 

@@ -9,8 +9,8 @@ import subprocess
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
 
+from qlaunch.checkpoints import AtomicCheckpointMixin, newest_complete_checkpoint
 from qlaunch.data.collate import PaddingCollator
 
 log = logging.getLogger("qlaunch")
@@ -22,9 +22,13 @@ def make_collator(tokenizer, on_gpu: bool) -> PaddingCollator:
     return PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if on_gpu else None)
 
 
+class QlaunchTrainer(AtomicCheckpointMixin, Trainer):
+    """transformers' Trainer with atomic checkpoints (qlaunch/checkpoints.py)."""
+
+
 def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, callbacks=()):
     args = config.training
-    return Trainer(
+    return QlaunchTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -50,13 +54,41 @@ def resolve_resume(resume_from_checkpoint, output_dir: str):
     if resume_from_checkpoint in (None, "", False):
         return None
     if str(resume_from_checkpoint).lower() in ("auto", "true", "last"):
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        last = newest_complete_checkpoint(output_dir)
         if last:
             log.info("Resuming from %s", last)
         else:
             log.info("No checkpoint in %s: starting from scratch.", output_dir)
         return last
     return resume_from_checkpoint
+
+
+def finished_checkpoint(checkpoint: str | None) -> bool:
+    """Whether the checkpoint is the run's last step (its trainer state reached max_steps)."""
+    if not checkpoint:
+        return False
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        state = json.load(f)
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
+def train_or_finish(trainer, resume: str | None):
+    """trainer.train(), except when resuming from the run's last checkpoint (killed between the
+    last checkpoint and the final save): transformers would then train one step past max_steps.
+    The checkpoint's weights and state are loaded instead, and the run goes on to its final save."""
+    if finished_checkpoint(resume) and not trainer.is_deepspeed_enabled:
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        log.info("%s is the run's last step: nothing left to train; saving it as the result.", resume)
+        trainer._load_from_checkpoint(resume)  # the Trainer's own loader (adapter-aware)
+        trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return TrainOutput(trainer.state.global_step, sum(losses) / len(losses) if losses else float("nan"), {})
+    return trainer.train(resume_from_checkpoint=resume)
 
 
 def requeue_if_slurm() -> bool:
@@ -86,6 +118,7 @@ def run_info(config, trainer, trainable: int, total: int, targets) -> dict:
         "deepspeed": bool(args.deepspeed),
         "base_model": config.model.model_name_or_path,
         "trust_remote_code": config.model.trust_remote_code,  # chat / evaluate / merge need it too
+        "data_path": os.path.abspath(config.data.data_path) if config.data.data_path else None,  # merge probes
         "quant_method": config.quant_method,
         "bnb_4bit_use_double_quant": config.lora.bnb_4bit_use_double_quant if config.quant_method else None,
         "compute_dtype": str(config.compute_dtype).replace("torch.", ""),

@@ -79,3 +79,30 @@ def test_the_three_former_tracebacks_are_usage_errors(demo, tmp_path):
     assert_usage_error(result, "2 problems", "--learning_rate -1.0: must not be negative",
                        "--per_device_train_batch_size 0: must be at least 1")
     assert "Loading" not in result.stderr and not out.exists()
+
+
+def test_out_of_memory_is_one_message_with_the_plan_and_options(demo, tmp_path, capsys):
+    """torch.OutOfMemoryError from a training step (what a too-large batch raises on a GPU): exit 3,
+    the memory plan of this run and two re-planned options, no traceback."""
+    import pytest
+    import torch
+    from transformers import TrainerCallback
+
+    from qlaunch.cli import main
+
+    class OutOfMemoryAtStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    argv = ["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--output_dir", str(tmp_path / "o"),
+            "--use_lora", "--max_steps", "5", "--per_device_train_batch_size", "4", "--model_max_length", "1024",
+            "--report_to", "none", "--disable_tqdm", "True"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv, extra_callbacks=[OutOfMemoryAtStep2()])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3
+    assert "finetune.py: error: out of GPU memory (CUDA out of memory. Tried to allocate 20.00 GiB)" in err
+    assert "Memory plan:" in err and "Options, re-planned" in err and "Traceback" not in err
+    assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 2 (same global batch)" in err or \
+        "--gradient_checkpointing" in err

@@ -48,12 +48,40 @@ def _patch(module) -> None:
 
     def save_model(self, output_dir=None, _internal_call=False):
         result = original(self, output_dir, _internal_call)
-        if not _internal_call:
+        if not _internal_call and os.environ.get("QLAUNCH_TEST_DUMP_DIR"):
             _dump(self)
         return result
 
     save_model._qlaunch_test_wrapped = True
     trainer_cls.save_model = save_model
+
+    pace = float(os.environ.get("QLAUNCH_TEST_STEP_SLEEP", "0") or 0)
+    if pace > 0:  # crash tests: tiny models train faster than a test can aim a kill -9
+        original_step = trainer_cls.training_step
+
+        def training_step(self, *args, **kwargs):
+            import time
+
+            time.sleep(pace)
+            return original_step(self, *args, **kwargs)
+
+        trainer_cls.training_step = training_step
+
+    slow = os.environ.get("QLAUNCH_TEST_SLOW_SAVE", "")  # "STEP:SECONDS"
+    if slow:  # crash tests: a window in the middle of writing checkpoint-STEP to kill -9 the run in
+        step, seconds = slow.split(":")
+        original_rng = trainer_cls._save_rng_state
+
+        def _save_rng_state(self, output_dir):
+            import time
+
+            if os.path.basename(output_dir.rstrip("/")) == f"checkpoint-{step}":
+                print(f"QLAUNCH_TEST: writing {output_dir} (model and optimizer written, RNG and state not)",
+                      flush=True)
+                time.sleep(float(seconds))
+            return original_rng(self, output_dir)
+
+        trainer_cls._save_rng_state = _save_rng_state
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -74,6 +102,6 @@ class _Finder(importlib.abc.MetaPathFinder):
         return spec
 
 
-if os.environ.get("QLAUNCH_TEST_DUMP_DIR"):
+if any(os.environ.get(k) for k in ("QLAUNCH_TEST_DUMP_DIR", "QLAUNCH_TEST_SLOW_SAVE", "QLAUNCH_TEST_STEP_SLEEP")):
     sys.meta_path.insert(0, _Finder())
 

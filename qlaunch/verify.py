@@ -1,0 +1,75 @@
+"""Read the final adapter back and check it is the model that was trained.
+
+After the final save: every tensor of the in-memory adapter is in the file with its shape and
+values, the file has nothing else, and probe logits with the file's tensors loaded equal the
+in-memory model's. A truncated file, a missing or zeroed tensor, or names that do not map onto
+the model fail the run (exit code 1) instead of surfacing at serving time.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def _probe_logits(model, input_ids) -> torch.Tensor:
+    # In training mode: an eval-mode no-grad forward repacks 4-bit weights into an inference layout
+    # (bitsandbytes on CPU, gptqmodel's TorchAtenLinear) and would change the model it verifies.
+    # Dropout is made repeatable by a fixed seed inside a forked RNG (the run's RNG is untouched).
+    was_training = model.training
+    model.train()
+    devices = [input_ids.device] if input_ids.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(0)
+        logits = model(input_ids=input_ids).logits.float()
+    model.train(was_training)
+    return logits
+
+
+def verify_saved_adapter(model, output_dir: str, *, partitioned: bool = False) -> list[str]:
+    """Problems with output_dir/adapter_model.safetensors as a copy of `model`'s adapter ([] if none).
+
+    partitioned: ZeRO-3, where this rank holds only shards: names and shapes are checked, values
+    and logits are not (they would need every rank to gather)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = os.path.join(output_dir, ADAPTER_FILE)
+    if not os.path.isfile(path):
+        return [f"{path} is missing."]
+    try:
+        saved = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        return [f"{path} cannot be read back ({type(e).__name__}: {e}); the file is truncated or corrupt."]
+    expected = get_peft_model_state_dict(model)
+    problems = []
+    missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing:
+        problems.append(f"{len(missing)} adapter tensors missing from {path}, e.g. {missing[0]}.")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensors in {path}, e.g. {extra[0]}.")
+    for name in sorted(set(expected) & set(saved)):
+        want = expected[name]
+        shape = tuple(getattr(want, "ds_shape", want.shape)) if partitioned else tuple(want.shape)
+        if tuple(saved[name].shape) != shape:
+            problems.append(f"{name}: saved shape {tuple(saved[name].shape)} != trained {shape}.")
+        elif not partitioned and not torch.equal(saved[name].to(want.dtype), want.detach().cpu()):
+            diff = (saved[name].float() - want.detach().cpu().float()).abs().max().item()
+            problems.append(f"{name}: saved values differ from the trained ones (max |diff| {diff:.3g}).")
+    if problems or partitioned:
+        return problems
+    vocab = model.get_input_embeddings().num_embeddings
+    device = next(p.device for p in model.parameters())
+    probe = (torch.arange(16, device=device) * 7919 % vocab).unsqueeze(0)
+    before = _probe_logits(model, probe)
+    result = set_peft_model_state_dict(model, {k: v.to(device) for k, v in saved.items()})
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "modules_to_save" in k]
+    if unexpected:
+        return [f"{len(unexpected)} tensors of {path} do not map onto the model, e.g. {unexpected[0]}."]
+    after = _probe_logits(model, probe)
+    if not torch.equal(before, after):
+        return [f"probe logits with the saved adapter differ from the trained model's "
+                f"(max |diff| {(before - after).abs().max().item():.3g})."]
+    return []

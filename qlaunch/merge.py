@@ -59,19 +59,93 @@ def plain_copy(quantized_model, dtype: torch.dtype):
     return plain.to(dtype)
 
 
+BUILTIN_PROBES = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write one sentence about the sea."}],
+    [{"role": "system", "content": "You are a helpful assistant."},
+     {"role": "user", "content": "List three prime numbers."}],
+    [{"role": "user", "content": "Translate 'good morning' into German."}],
+]
+REPORT = "merge_report.json"
+EXIT_MISMATCH = 4
+# Minimum top-1 next-token agreement between the merged model and the adapter model. A LoRA merge
+# into full-precision weights is exact up to float32 summation order (logit differences ~1e-6), so
+# only exact near-ties may flip: 99.9%. Into dequantized 4-bit weights (or saved in 16 bits) the
+# adapter model runs the 4-bit kernels, which compute in reduced precision (bitsandbytes on CPU
+# dequantizes NF4 to bf16; GPTQ kernels to fp16): logit differences of ~1e-2, so 99%.
+MIN_TOP1_EXACT, MIN_TOP1_QUANTIZED = 0.999, 0.99
+
+
+def probe_conversations(adapter: str, probe_data: str | None, limit: int) -> tuple[list, str]:
+    """Probe conversations: --probe_data, else the adapter's training data, else built-in ones."""
+    from qlaunch.adapters import read_run_info
+    from qlaunch.data.formats import load_samples
+
+    source = probe_data or read_run_info(adapter).get("data_path")
+    if source and (probe_data or os.path.isfile(source)):
+        return load_samples(source, "You are a helpful assistant.")[:limit], source
+    return BUILTIN_PROBES[:limit], "built-in"
+
+
+def probe_logits(model, tokenizer, conversations, max_tokens: int = 128) -> list[torch.Tensor]:
+    model.eval()
+    outputs = []
+    for messages in conversations:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :max_tokens]
+        with torch.no_grad():
+            outputs.append(model(input_ids=ids.to(model.device)).logits[0].float().cpu())
+    return outputs
+
+
+def compare_logits(merged: list[torch.Tensor], reference: list[torch.Tensor]) -> dict:
+    diffs = torch.cat([(m - r).abs().flatten() for m, r in zip(merged, reference)])
+    agree = sum(int((m.argmax(-1) == r.argmax(-1)).sum()) for m, r in zip(merged, reference))
+    positions = sum(m.shape[0] for m in merged)
+    return {"max_abs_logit_diff": float(diffs.max()), "mean_abs_logit_diff": float(diffs.mean()),
+            "top1_agreement": agree / positions, "positions": positions}
+
+
+def merge_report(adapter: str, out: str, quant: str | None, dtype: str, into: str, probe_data: str | None,
+                 trust_remote_code: bool, samples: int) -> dict:
+    """Probe logits of the saved merged model vs the adapter model (the base as trained + adapter)."""
+    from transformers import AutoModelForCausalLM
+
+    from qlaunch.adapters import load_for_inference
+
+    conversations, source = probe_conversations(adapter, probe_data, samples)
+    reference_model, tokenizer = load_for_inference(adapter=adapter, device="cpu", trust_remote_code=trust_remote_code)
+    reference = probe_logits(reference_model, tokenizer, conversations)
+    del reference_model
+    merged_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    report = compare_logits(probe_logits(merged_model, tokenizer, conversations), reference)
+    exact = quant is None and dtype == "float32"
+    report.update(merged_into=into, probes=source, probe_samples=len(conversations), dtype=dtype,
+                  min_top1_agreement=MIN_TOP1_EXACT if exact else MIN_TOP1_QUANTIZED)
+    report["within_tolerance"] = report["top1_agreement"] >= report["min_top1_agreement"]
+    with open(os.path.join(out, REPORT), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
 def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32",
-          trust_remote_code: bool = False) -> dict:
+          trust_remote_code: bool = False, probe_data: str | None = None, probe_samples: int = 8) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from qlaunch.adapters import adapter_base, load_for_inference, read_run_info, remote_code_problem
     from qlaunch.model import load_tokenizer
 
+    given_base = base
     base = base or adapter_base(adapter)
     problem = remote_code_problem(base, adapter, trust_remote_code)
     if problem:
         raise UsageError(problem)
-    quant = read_run_info(adapter).get("quant_method")
+    if probe_data and not os.path.isfile(probe_data):
+        raise UsageError(f"--probe_data: file not found: {probe_data!r}. Pass a .json or .jsonl data file.")
+    trained_quant = read_run_info(adapter).get("quant_method")
+    # --base: merge into that full-precision checkpoint, as given (to compare the two routes).
+    quant = None if given_base else trained_quant
     if quant == "gptq":  # the trainable kernel keeps the packed layout that dequantize_weight() reads
         from qlaunch.gptq import gptq_training_config
 
@@ -88,10 +162,13 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32
     os.makedirs(out, exist_ok=True)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    info = {"adapter": os.path.abspath(adapter), "base": base, "merged_into": f"dequantized {quant}" if quant
-            else "base weights", "dtype": dtype}
+    into = f"dequantized {quant}" if quant else "base weights"
+    info = {"adapter": os.path.abspath(adapter), "base": base, "merged_into": into, "dtype": dtype}
     with open(os.path.join(out, "merge_info.json"), "w") as f:
         json.dump(info, f, indent=2)
+    del merged, plain, base_model
+    info["report"] = merge_report(adapter, out, trained_quant, dtype, into, probe_data, trust_remote_code,
+                                  probe_samples)
     return info
 
 
@@ -101,15 +178,33 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="directory for the merged model")
     parser.add_argument("--base", help="base model (default: the one recorded in the adapter)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--probe_data", help="conversations to compare merged vs adapter model on "
+                        "(default: the adapter's training data, else built-in prompts)")
+    parser.add_argument("--probe_samples", type=int, default=8, help="how many probe conversations (default 8)")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="run code shipped with the base checkpoint (needed when training needed it)")
     args = parser.parse_args(argv)
     try:
-        info = merge(args.adapter, args.out, args.base, args.dtype, args.trust_remote_code)
+        info = merge(args.adapter, args.out, args.base, args.dtype, args.trust_remote_code, args.probe_data,
+                     args.probe_samples)
     except UsageError as e:
         print(e.render("qlaunch.merge"), file=sys.stderr)
         sys.exit(2)
     print(f"merged {info['adapter']} into the {info['merged_into']} of {info['base']} → {args.out} ({args.dtype})")
+    r = info["report"]
+    print(f"merged vs adapter model on {r['probe_samples']} probes ({r['probes']}, {r['positions']} positions): "
+          f"top-1 agreement {r['top1_agreement']:.2%} (minimum {r['min_top1_agreement']:.1%}), "
+          f"max |logit diff| {r['max_abs_logit_diff']:.3g}, mean {r['mean_abs_logit_diff']:.3g} "
+          f"→ {os.path.join(args.out, REPORT)}")
+    if not r["within_tolerance"]:
+        if args.base:
+            print("note: merged into the given full-precision --base, not the weights the adapter was trained "
+                  "against; the difference above is that choice's cost.", file=sys.stderr)
+        else:
+            print(f"qlaunch.merge: error: the merged model disagrees with the adapter model on "
+                  f"{1 - r['top1_agreement']:.2%} of next tokens; do not ship it (exit {EXIT_MISMATCH}).",
+                  file=sys.stderr)
+            sys.exit(EXIT_MISMATCH)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Merging into the dequantized 4-bit weights reproduces the trained Q-LoRA model."""
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -37,6 +40,10 @@ def test_merged_model_matches_trained_adapter(kind, demo, tmp_path):
 
     info = merge(str(out), str(tmp_path / "merged"))
     assert info["merged_into"] == f"dequantized {kind}"
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert report == info["report"] and report["probes"] == demo["train"]  # the adapter's training data
+    print(f"{kind} merge report: {report}")
+    assert report["top1_agreement"] >= 0.99 and report["within_tolerance"] and report["positions"] > 100
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     assert not hasattr(merged.config, "quantization_config")
     assert all(type(m) is torch.nn.Linear for n, m in merged.named_modules() if n.endswith("q_proj"))
@@ -62,3 +69,32 @@ def test_merged_model_matches_trained_adapter(kind, demo, tmp_path):
     original = AutoModelForCausalLM.from_pretrained(demo["model"])  # merging into these would be wrong
     assert (logits(original, ids) - trained).abs().max().item() > 3 * diff
     assert os.path.isfile(tmp_path / "merged" / "tokenizer.json")
+
+
+def test_lora_merge_report_and_base_route(demo, tmp_path):
+    """A LoRA merge agrees with the adapter model on >= 99.9% of next tokens; `--base` merges an NF4
+    adapter into the original full-precision weights and reports the larger difference."""
+    from qlaunch.merge import merge
+
+    lora = tmp_path / "lora"
+    fit(prepare(["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--output_dir", str(lora),
+                 "--use_lora", *FAST]))
+    report = merge(str(lora), str(tmp_path / "lora_merged"))["report"]
+    assert report["top1_agreement"] >= 0.999 and report["min_top1_agreement"] == 0.999
+    assert report["max_abs_logit_diff"] < 1e-3
+
+    nf4 = tmp_path / "nf4"
+    fit(prepare(["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--output_dir", str(nf4),
+                 "--q_lora", *FAST]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    routes = {}
+    for name, extra in (("dequantized", []), ("given base", ["--base", demo["model"]])):
+        out = tmp_path / name.replace(" ", "_")
+        r = subprocess.run([sys.executable, "-m", "qlaunch.merge", "--adapter", str(nf4), "--out", str(out), *extra],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "top-1 agreement" in r.stdout
+        routes[name] = json.loads((out / "merge_report.json").read_text())
+    print({k: (v["top1_agreement"], v["max_abs_logit_diff"]) for k, v in routes.items()})
+    assert routes["dequantized"]["max_abs_logit_diff"] < routes["given base"]["max_abs_logit_diff"]
+    assert routes["given base"]["merged_into"] == "base weights"

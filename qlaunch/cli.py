@@ -160,9 +160,14 @@ def verify_final_save(config, trainer) -> str | None:
     return None
 
 
-def save_results(config, trainer, result, info, train_dataset, eval_dataset) -> str | None:
+def report_name(config) -> str:
+    return f"{os.path.basename(config.model.model_name_or_path.rstrip('/'))} · {config.quant_method or 'full precision'}"
+
+
+def save_results(config, trainer, result, info, train_dataset, eval_dataset, clock) -> str | None:
     """Save, verify and report; returns the verification failure, if any."""
     from qlaunch.checkpoints import save_final
+    from qlaunch.metrics import run_metrics
     from qlaunch.report import write_report
     from qlaunch.train import save_json
 
@@ -172,14 +177,13 @@ def save_results(config, trainer, result, info, train_dataset, eval_dataset) -> 
     if failure:
         return failure
     metrics = dict(result.metrics)
+    run = run_metrics(config, trainer, clock)
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
     if trainer.is_world_process_zero():
         info["train_samples"] = len(train_dataset)
         save_json(os.path.join(targs.output_dir, "run_info.json"), info)
-        name = os.path.basename(config.model.model_name_or_path.rstrip("/"))
-        write_report(targs.output_dir, metrics, trainer.state.log_history,
-                     f"{name} · {config.quant_method or 'full precision'}")
+        write_report(targs.output_dir, metrics, trainer.state.log_history, report_name(config), run)
         log.info("Saved %s to %s (metrics.json, loss_curve.png, run_info.json)%s",
                  "adapter" if config.lora.use_lora else "model", targs.output_dir,
                  "; read back and verified" if config.lora.use_lora else "")
@@ -203,6 +207,7 @@ class Outcome:
 def fit(config, extra_callbacks=()) -> Outcome:
     """Load, train, save and report."""
     from qlaunch.callbacks import NonFiniteLossGuard, PreemptionCallback
+    from qlaunch.metrics import RunClock
     from qlaunch.model import load_tokenizer
     from qlaunch.train import build_trainer, requeue_if_slurm, resolve_resume, resume_request, train_or_finish
 
@@ -219,9 +224,9 @@ def fit(config, extra_callbacks=()) -> Outcome:
         return Outcome("dry_run")
 
     model, targets = load_model(config)
-    preemption, guard = PreemptionCallback(), NonFiniteLossGuard()
+    preemption, guard, clock = PreemptionCallback(), NonFiniteLossGuard(), RunClock()
     trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset,
-                            [preemption, guard, *extra_callbacks])
+                            [preemption, guard, clock, *extra_callbacks])
     info = describe_run(config, trainer, model, targets)
     resume = resolve_resume(resume_request(targs.resume_from_checkpoint, os.environ), targs.output_dir)
     result = train_or_finish(trainer, resume)
@@ -233,9 +238,15 @@ def fit(config, extra_callbacks=()) -> Outcome:
         message = (f"Stopped by {preemption.reason()} at step {preemption.stopped_at_step}; "
                    f"checkpoint saved in {targs.output_dir}.")
         log.warning(message)
+        if trainer.is_world_process_zero():  # the report so far, beside the checkpoint
+            from qlaunch.metrics import run_metrics
+            from qlaunch.report import write_report
+
+            write_report(targs.output_dir, {"preempted_at_step": preemption.stopped_at_step},
+                         trainer.state.log_history, report_name(config), run_metrics(config, trainer, clock))
         requeue_if_slurm()
         return Outcome("preempted", trainer, message, preemption.stopped_at_step)
-    failure = save_results(config, trainer, result, info, train_dataset, eval_dataset)
+    failure = save_results(config, trainer, result, info, train_dataset, eval_dataset, clock)
     if failure:
         log.error(failure)
         return Outcome("verify_failed", trainer, failure)

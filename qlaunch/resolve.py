@@ -208,6 +208,9 @@ def resolve(ns: argparse.Namespace, machine: Machine, env=os.environ) -> Setting
     resolve_fp16_trainables(ns, settings)
     if ns.warmup_ratio is not None and 0 <= ns.warmup_ratio < 1:
         settings.training["warmup_steps"] = ns.warmup_ratio  # transformers 5: warmup_steps < 1 is a ratio
+    if ns.include_num_input_tokens_seen in ("no", False, None):
+        # Real-token throughput in metrics.json: the Trainer counts non-padding tokens over all ranks.
+        settings.training["include_num_input_tokens_seen"] = "non_padding"
     ckpt = ns.activation_checkpointing or ns.gradient_checkpointing
     if ckpt and not (ns.activation_checkpointing_kwargs or ns.gradient_checkpointing_kwargs):
         settings.training["activation_checkpointing_kwargs"] = {"use_reentrant": False}

@@ -12,6 +12,7 @@ from transformers import Trainer
 
 from qlaunch.checkpoints import AtomicCheckpointMixin, newest_complete_checkpoint
 from qlaunch.data.collate import PaddingCollator
+from qlaunch.metrics import TrainedTokenCountMixin
 
 log = logging.getLogger("qlaunch")
 
@@ -22,8 +23,9 @@ def make_collator(tokenizer, on_gpu: bool) -> PaddingCollator:
     return PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if on_gpu else None)
 
 
-class QlaunchTrainer(AtomicCheckpointMixin, Trainer):
-    """transformers' Trainer with atomic checkpoints (qlaunch/checkpoints.py)."""
+class QlaunchTrainer(AtomicCheckpointMixin, TrainedTokenCountMixin, Trainer):
+    """transformers' Trainer with atomic checkpoints (qlaunch/checkpoints.py) and a count of the
+    trained tokens (qlaunch/metrics.py)."""
 
 
 def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, callbacks=()):

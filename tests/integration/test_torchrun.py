@@ -113,6 +113,24 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def rank1_worker_after(run, proc, steps: int, at_step: int, also=lambda: True, timeout: float = 300):
+    """The PID of torchrun's LOCAL_RANK=1 worker once the log shows at_step of steps (and also())."""
+    import re
+    import time
+
+    progress = re.compile(rf"\b(\d+)/{steps} \[")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = [int(m) for m in progress.findall(run.text)]
+        if done and max(done) >= at_step and also():
+            # proc is torchrun itself (the script execs it); its children are the workers.
+            victim = next((c for c in _children(proc.pid) if _local_rank(c) == "1"), None)
+            if victim:
+                return victim
+        time.sleep(0.3)
+    return None
+
+
 def _local_rank(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
@@ -143,17 +161,7 @@ def test_max_restarts_c10d_restarts_a_killed_worker_and_resumes(launch_demo, run
                                       "--logging_steps", "10",  # no --resume_from_checkpoint: a restart resumes by itself
                                       "--ddp_timeout", "180"],  # a re-rendezvous hang fails in minutes
                        out, env=env, wait=False)
-    progress = re.compile(rf"\b(\d+)/{steps} \[")
-    deadline = time.monotonic() + 300
-    victim = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = [int(m) for m in progress.findall(run.text)]
-        if done and max(done) >= 30 and (out / "checkpoint-20").is_dir():
-            # proc is torchrun itself (the script execs it); its children are the workers.
-            victim = next((c for c in _children(proc.pid) if _local_rank(c) == "1"), None)
-            if victim:
-                break
-        time.sleep(0.3)
+    victim = rank1_worker_after(run, proc, steps, 30, lambda: (out / "checkpoint-20").is_dir())
     assert victim, f"no worker to kill (training did not reach step 30?)\n{run.tail()}"
     os.kill(victim, signal.SIGKILL)
     finish(run, proc, timeout=600).check()
@@ -186,16 +194,7 @@ def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step(launch_demo, runs
                                       "--per_device_train_batch_size", "1", "--logging_steps", "10",
                                       "--ddp_timeout", "120"],  # a desynchronised save would fail, not hang
                        out, env=base_env(NPROC_PER_NODE=2), wait=False)
-    progress = re.compile(rf"\b(\d+)/{steps} \[")
-    deadline = time.monotonic() + 300
-    victim = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = [int(m) for m in progress.findall(run.text)]
-        if done and max(done) >= 5:
-            victim = next((c for c in _children(proc.pid) if _local_rank(c) == "1"), None)
-            if victim:
-                break
-        time.sleep(0.3)
+    victim = rank1_worker_after(run, proc, steps, 5)
     assert victim, f"no rank-1 worker found\n{run.tail()}"
     os.kill(victim, signal.SIGUSR1)
     finish(run, proc, timeout=300).check()

@@ -144,3 +144,23 @@ def test_fp4_and_modules_to_save(demo, tmp_path):
     assert layers and all(m.weight.quant_state.quant_type == "fp4" for m in layers)
     adapter = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert any("lm_head" in k and "lora_" not in k for k in adapter)
+
+
+def test_run_report_has_throughput_memory_and_lr_axis(lora_run):
+    import matplotlib.image
+
+    from qlaunch.report import loss_figure
+
+    trainer, out = lora_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("real_tokens_seen", "trained_tokens_seen", "real_tokens_per_second", "wall_time_seconds",
+                "peak_memory_gib", "config_hash", "plan_estimate_gib"):
+        assert metrics.get(key) is not None, key
+    # 30 steps x 8 samples: the real tokens are the attention mask's ones, trained ones the labels'
+    assert 0 < metrics["trained_tokens_seen"] < metrics["real_tokens_seen"] == trainer.state.num_input_tokens_seen
+    assert metrics["peak_memory_kind"] == "process peak RSS" and metrics["peak_memory_gib"] > 0.1
+    assert len(metrics["config_hash"]) == 16
+    image = matplotlib.image.imread(str(out / "loss_curve.png"))
+    assert image.ndim == 3 and image.shape[0] > 100
+    fig = loss_figure(trainer.state.log_history, "t")
+    assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "learning rate"

@@ -1,0 +1,87 @@
+"""What a run measured about itself, for metrics.json and the loss-curve title.
+
+Real (non-padding) tokens are counted by the Trainer itself (`include_num_input_tokens_seen=
+"non_padding"`, summed over ranks); trained tokens (labels that are not -100, the loss's own
+count) by the mixin below, also summed over ranks. Peak memory is the GPU allocator's peak, or the
+process's peak RSS on CPU; the memory plan's estimate is written beside it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import time
+
+import torch
+from transformers import TrainerCallback
+
+from qlaunch.data.tokenize import IGNORE_INDEX
+
+GiB = 1024**3
+
+
+class TrainedTokenCountMixin:
+    """Trainer mixin: count the trained (labelled) target tokens of every micro-batch, all ranks."""
+
+    trained_tokens_seen = 0
+
+    def _track_num_input_tokens(self, inputs):
+        super()._track_num_input_tokens(inputs)
+        labels = inputs.get("labels") if hasattr(inputs, "get") else None
+        if labels is not None:
+            count = torch.as_tensor((labels[..., 1:] != IGNORE_INDEX).sum(), device=self.args.device,
+                                    dtype=torch.int64)
+            self.trained_tokens_seen += int(self.accelerator.gather(count).sum().item())
+
+
+class RunClock(TrainerCallback):
+    """Wall time of training (this session: a resumed run counts from its restart)."""
+
+    def __init__(self):
+        self.start = time.monotonic()
+        self.seconds = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.monotonic() - self.start
+
+
+def peak_memory_bytes(cuda: bool) -> int:
+    if cuda:
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def config_hash(config) -> str:
+    """A short hash of the effective (non-default) settings: equal runs, equal hash."""
+    effective = {"quant_method": config.quant_method, "compute_dtype": str(config.compute_dtype),
+                 **{k: v for k, v in config.non_default().items() if k not in ("output_dir", "logging_dir")}}
+    return hashlib.sha256(json.dumps(effective, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_metrics(config, trainer, clock: RunClock) -> dict:
+    from qlaunch.plan import memory_plan
+
+    seconds = clock.seconds or (time.monotonic() - clock.start)
+    real = int(trainer.state.num_input_tokens_seen or 0)
+    trained = int(getattr(trainer, "trained_tokens_seen", 0))
+    cuda = trainer.args.device.type == "cuda"
+    peak = peak_memory_bytes(cuda)
+    out = {
+        "real_tokens_seen": real,
+        "trained_tokens_seen": trained,
+        "real_tokens_per_second": real / seconds if seconds else None,
+        "trained_tokens_per_second": trained / seconds if seconds else None,
+        "wall_time_seconds": seconds,
+        "peak_memory_gib": peak / GiB,
+        "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
+        "config_hash": config_hash(config),
+    }
+    try:
+        out["plan_estimate_gib"] = memory_plan(config)["total_gib_estimate"]
+    except Exception as e:  # the plan is informative here; never fail a finished run over it
+        out["plan_estimate_gib"] = None
+        out["plan_error"] = str(e)
+    return out

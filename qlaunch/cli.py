@@ -72,6 +72,11 @@ def load_datasets(config, tokenizer):
     with targs.main_process_first(desc="tokenizing"):
         train = build_dataset(dargs.data_path, tokenizer, **kwargs)
         evaluation = build_dataset(dargs.eval_data_path, tokenizer, **kwargs) if dargs.eval_data_path else None
+    if dargs.packing:
+        from qlaunch.data.packing import PackedDataset
+
+        train = PackedDataset(train, targs.model_max_length)
+        evaluation = PackedDataset(evaluation, targs.model_max_length) if evaluation is not None else None
     return train, evaluation
 
 

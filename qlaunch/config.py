@@ -47,6 +47,11 @@ class DataArguments:
         default="You are a helpful assistant.",
         metadata={"help": "System prompt for samples that carry none ('' for none)."},
     )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack samples into rows of up to model_max_length tokens, isolated from each other "
+                  "(positions restart per sample, no attention across samples): far less padding."},
+    )
     truncation: str = field(
         default="truncate",
         metadata={"help": "Samples longer than model_max_length: 'truncate' (default) or 'drop'."},
@@ -187,6 +192,9 @@ def make_parser() -> transformers.HfArgumentParser:
             action.choices = None
     for old, new in LEGACY_ALIASES.items():
         parser.add_argument(f"--{old}", dest=new, help=argparse.SUPPRESS)
+    # transformers 5 renamed --group_by_length to --train_sampling_strategy group_by_length.
+    parser.add_argument("--group_by_length", type=transformers.hf_argparser.string_to_bool, nargs="?", const=True,
+                        default=False, help=argparse.SUPPRESS)
     # transformers 5 folded warmup_ratio into warmup_steps (a value below 1 is a ratio).
     parser.add_argument("--warmup_ratio", type=float, default=None, help=argparse.SUPPRESS)
     return parser
@@ -253,6 +261,8 @@ def parse_namespace(argv: list[str] | None = None) -> argparse.Namespace:
     if problems:
         raise UsageError(problems)
     _split_comma_lists(namespace)
+    if namespace.group_by_length:
+        namespace.train_sampling_strategy = "group_by_length"
     return namespace
 
 

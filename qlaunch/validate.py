@@ -62,6 +62,11 @@ def _check_values(ns: argparse.Namespace, problems: list[str]) -> None:
     if ns.warmup_ratio is not None:
         if not 0 <= ns.warmup_ratio < 1:
             problems.append(f"--warmup_ratio {ns.warmup_ratio}: must be in [0, 1); use --warmup_steps N for steps.")
+    if ns.packing and ns.lazy_preprocess:
+        problems.append("--packing needs every sample's length up front: remove --lazy_preprocess.")
+    if ns.packing and _value(getattr(ns, "train_sampling_strategy", None)) == "group_by_length":
+        problems.append("--packing and --group_by_length: packed rows are all about model_max_length long; "
+                        "choose one.")
     if ns.lazy_preprocess and ns.truncation == "drop":
         problems.append(
             "--truncation drop needs every sample tokenized up front: remove --lazy_preprocess "

@@ -23,9 +23,18 @@ class PaddingCollator:
         input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        packed = "position_ids" in items[0]
+        # Packed rows: the padding is one more "sample" of restarting positions, and there is no
+        # attention mask (its absence is what makes transformers build per-sample masks).
+        position_ids = torch.arange(length).repeat(len(items), 1) if packed else None
         for row, item in enumerate(items):
             n = len(item["input_ids"])
             input_ids[row, :n] = torch.tensor(item["input_ids"])
             labels[row, :n] = torch.tensor(item["labels"])
             attention_mask[row, :n] = 1
+            if packed:
+                position_ids[row, :n] = torch.tensor(item["position_ids"])
+                position_ids[row, n:] = torch.arange(length - n)
+        if packed:
+            return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

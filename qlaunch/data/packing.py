@@ -1,0 +1,62 @@
+"""Packing: tokenized samples placed into rows of up to model_max_length tokens, isolated.
+
+Rows are filled first-fit-decreasing (longest samples first, each into the first row with room),
+which leaves little padding and is deterministic. Each sample keeps its own positions: position_ids
+restart at 0 at every sample and no 2D attention mask is passed, so transformers 5 derives a
+block-diagonal causal mask from the restarts (masking_utils.find_packed_sequence_indices, used only
+when attention_mask is None; sdpa and eager) and flash-attention uses them as varlen boundaries —
+no token attends across samples. The first label of every sample is -100, so no position predicts
+the next sample's first token: each sample's loss terms are exactly those it has alone.
+"""
+from __future__ import annotations
+
+import logging
+
+from torch.utils.data import Dataset
+
+from qlaunch.data.tokenize import IGNORE_INDEX
+
+log = logging.getLogger("qlaunch")
+
+
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sample indices grouped into rows whose lengths sum to at most capacity."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+class PackedDataset(Dataset):
+    """Rows of several samples: input_ids, labels and position_ids, concatenated."""
+
+    def __init__(self, samples: Dataset, max_length: int):
+        self.samples = samples
+        lengths = [len(samples[i]["input_ids"]) for i in range(len(samples))]
+        self.rows = first_fit_decreasing(lengths, max_length)
+        self.stats = getattr(samples, "stats", None)
+        tokens = sum(lengths)
+        self.fill = tokens / (len(self.rows) * max_length) if self.rows else 0.0
+        log.info("Packing: %d samples → %d rows of up to %d tokens (%.1f%% of the row capacity used; "
+                 "samples are isolated: positions restart, no attention across them).",
+                 len(lengths), len(self.rows), max_length, 100 * self.fill)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        input_ids, labels, position_ids = [], [], []
+        for index in self.rows[i]:
+            item = self.samples[index]
+            input_ids += item["input_ids"]
+            labels += [IGNORE_INDEX] + list(item["labels"][1:])  # never predict across a boundary
+            position_ids += range(len(item["input_ids"]))
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

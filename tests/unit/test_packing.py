@@ -1,0 +1,96 @@
+"""Packing isolates samples: in a packed batch every sample's logits and per-token losses equal
+those of the sample run alone (fp32), for Qwen2 and Llama, sdpa and eager attention."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlaunch.data.collate import PaddingCollator
+from qlaunch.data.dataset import build_dataset
+from qlaunch.data.packing import PackedDataset, first_fit_decreasing
+from qlaunch.data.tokenize import IGNORE_INDEX
+
+SYS = "You are a helpful assistant."
+
+
+def tiny_model(kind, vocab, attn):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(0)
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[kind]
+    # use_cache off, as qlaunch loads every model for training: transformers only derives per-sample
+    # masks from position ids when there is no KV cache.
+    config = cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, attn_implementation=attn, use_cache=False)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def per_token_losses(logits, labels):
+    return F.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def test_first_fit_decreasing_fills_rows_without_overflow():
+    rows = first_fit_decreasing([5, 9, 3, 7, 2, 6], 10)
+    assert sorted(i for row in rows for i in row) == list(range(6))
+    assert all(sum([5, 9, 3, 7, 2, 6][i] for i in row) <= 10 for row in rows)
+    assert len(rows) == 4  # 32 tokens in rows of 10: 4 is the minimum
+
+
+@pytest.mark.parametrize("kind,attn", [("qwen2", "sdpa"), ("qwen2", "eager"), ("llama", "sdpa")])
+def test_packed_samples_equal_samples_alone(kind, attn, tokenizer, demo, tmp_path):
+    samples = build_dataset(demo["train"], tokenizer, max_length=128, system_message=SYS, show_progress=False)
+    subset = [samples[i] for i in range(12)]
+    packed = PackedDataset(subset, max_length=128)
+    assert len(packed) < len(subset)  # several samples share a row
+    batch = PaddingCollator(tokenizer.pad_token_id)([packed[0], packed[len(packed) - 1]])
+    assert "attention_mask" not in batch  # its absence is what isolates the samples
+    model = tiny_model(kind, len(tokenizer), attn)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    for row, row_index in enumerate((0, len(packed) - 1)):
+        offset = 0
+        for index in packed.rows[row_index]:
+            item = subset[index]
+            n = len(item["input_ids"])
+            ids = torch.tensor([item["input_ids"]])
+            labels = torch.tensor(item["labels"])
+            with torch.no_grad():
+                alone = model(input_ids=ids).logits[0]
+            torch.testing.assert_close(logits[row, offset:offset + n], alone, rtol=1e-5, atol=1e-5)
+            row_labels = batch["labels"][row, offset:offset + n]
+            assert row_labels[0] == IGNORE_INDEX and torch.equal(row_labels[1:], labels[1:])
+            torch.testing.assert_close(per_token_losses(logits[row, offset:offset + n], row_labels),
+                                       per_token_losses(alone, labels), rtol=1e-5, atol=1e-6)
+            offset += n
+        # the last token of each sample predicts nothing across the boundary
+        assert batch["labels"][row, offset:].eq(IGNORE_INDEX).all()
+
+
+def test_packing_flag_trains_and_logs_rows(demo, tmp_path, caplog):
+    from qlaunch.cli import fit, prepare
+
+    with caplog.at_level("INFO", logger="qlaunch"):
+        outcome = fit(prepare(["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--output_dir",
+                               str(tmp_path), "--use_lora", "--packing", "True", "--max_steps", "6",
+                               "--per_device_train_batch_size", "2", "--model_max_length", "256", "--report_to",
+                               "none", "--save_strategy", "no", "--disable_tqdm", "True", "--learning_rate", "3e-3",
+                               "--logging_steps", "1"]))
+    assert outcome.status == "done"
+    assert "Packing:" in caplog.text and "rows of up to 256 tokens" in caplog.text
+    losses = [h["loss"] for h in outcome.trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["trained_tokens_seen"] > 0
+
+
+def test_packing_refuses_lazy_and_group_by_length(demo):
+    from qlaunch.config import parse_namespace
+    from qlaunch.validate import check_arguments
+
+    base = ["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--packing", "True"]
+    assert any("remove --lazy_preprocess" in p for p in check_arguments(parse_namespace(base + ["--lazy_preprocess",
+                                                                                                "True"])))
+    ns = parse_namespace(base + ["--group_by_length"])
+    assert ns.train_sampling_strategy == "group_by_length"
+    assert any("--packing and --group_by_length" in p for p in check_arguments(ns))

@@ -59,6 +59,7 @@ test-integration: $(VENV)/.all
 bench: $(VENV)/.all
 	$(PY) bench/nf4_bits.py
 	$(PY) bench/padding.py
+	$(PY) bench/throughput.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -154,11 +154,14 @@ def verify_final_save(config, trainer) -> str | None:
     from qlaunch.callbacks import any_rank
 
     problems = []
-    if config.lora.use_lora and trainer.is_world_process_zero():
-        from qlaunch.verify import verify_saved_adapter
+    if config.lora.use_lora:
+        from qlaunch.verify import full_trainable_parameters, verify_saved_adapter
 
-        problems = verify_saved_adapter(trainer.model, config.training.output_dir,
-                                        partitioned=is_zero3(config.training))
+        zero3 = is_zero3(config.training)
+        with full_trainable_parameters(trainer.model, zero3):
+            if trainer.is_world_process_zero():
+                problems = verify_saved_adapter(trainer.model, config.training.output_dir,
+                                                compare_logits=not zero3)
     if any_rank(bool(problems), trainer.args.device):
         return ("the saved adapter does not match the trained model: " + " ".join(problems)
                 if problems else "the saved adapter failed verification on the main process.")

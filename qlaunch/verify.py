@@ -7,6 +7,7 @@ the model fail the run (exit code 1) instead of surfacing at serving time.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -28,11 +29,25 @@ def _probe_logits(model, input_ids) -> torch.Tensor:
     return logits
 
 
-def verify_saved_adapter(model, output_dir: str, *, partitioned: bool = False) -> list[str]:
+@contextlib.contextmanager
+def full_trainable_parameters(model, partitioned: bool):
+    """Under ZeRO-3 each rank holds shards (empty placeholders); gather the trainable parameters
+    (the adapter: small) for the check. Collective: every rank must enter."""
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def verify_saved_adapter(model, output_dir: str, *, compare_logits: bool = True) -> list[str]:
     """Problems with output_dir/adapter_model.safetensors as a copy of `model`'s adapter ([] if none).
 
-    partitioned: ZeRO-3, where this rank holds only shards: names and shapes are checked, values
-    and logits are not (they would need every rank to gather)."""
+    compare_logits False: under ZeRO-3 a forward pass is collective and the frozen base is sharded
+    too, so only names, shapes and values are checked (inside full_trainable_parameters)."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -52,13 +67,12 @@ def verify_saved_adapter(model, output_dir: str, *, partitioned: bool = False) -
         problems.append(f"{len(extra)} unexpected tensors in {path}, e.g. {extra[0]}.")
     for name in sorted(set(expected) & set(saved)):
         want = expected[name]
-        shape = tuple(getattr(want, "ds_shape", want.shape)) if partitioned else tuple(want.shape)
-        if tuple(saved[name].shape) != shape:
-            problems.append(f"{name}: saved shape {tuple(saved[name].shape)} != trained {shape}.")
-        elif not partitioned and not torch.equal(saved[name].to(want.dtype), want.detach().cpu()):
+        if tuple(saved[name].shape) != tuple(want.shape):
+            problems.append(f"{name}: saved shape {tuple(saved[name].shape)} != trained {tuple(want.shape)}.")
+        elif not torch.equal(saved[name].to(want.dtype), want.detach().cpu()):
             diff = (saved[name].float() - want.detach().cpu().float()).abs().max().item()
             problems.append(f"{name}: saved values differ from the trained ones (max |diff| {diff:.3g}).")
-    if problems or partitioned:
+    if problems or not compare_logits:
         return problems
     vocab = model.get_input_embeddings().num_embeddings
     device = next(p.device for p in model.parameters())

@@ -56,6 +56,12 @@ class DataArguments:
         default="truncate",
         metadata={"help": "Samples longer than model_max_length: 'truncate' (default) or 'drop'."},
     )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Tokenized-data cache (Arrow, built once, memory-mapped by every rank); default "
+                  "$HF_HOME/qlaunch/tokenized; 'none' tokenizes in memory every run. Not used with "
+                  "--lazy_preprocess."},
+    )
 
 
 @dataclass
@@ -118,6 +124,12 @@ class TrainingArguments(transformers.TrainingArguments):
     dry_run: bool = field(
         default=False,
         metadata={"help": "Print the effective configuration and data statistics, then exit without training."},
+    )
+    labelled_logits_only: bool = field(
+        default=True,
+        metadata={"help": "Run lm_head and the loss only at positions that have a label (assistant tokens): "
+                  "same loss and gradients, logits memory scales with trained tokens. False: every position "
+                  "(transformers' path; also used automatically by models that cannot, e.g. remote code)."},
     )
 
 

@@ -12,6 +12,7 @@ from transformers import Trainer
 
 from qlaunch.checkpoints import AtomicCheckpointMixin, newest_complete_checkpoint
 from qlaunch.data.collate import PaddingCollator
+from qlaunch.loss import LabelledLogitsMixin, labelled_logits_unsupported
 from qlaunch.metrics import TrainedTokenCountMixin
 
 log = logging.getLogger("qlaunch")
@@ -23,14 +24,14 @@ def make_collator(tokenizer, on_gpu: bool) -> PaddingCollator:
     return PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if on_gpu else None)
 
 
-class QlaunchTrainer(AtomicCheckpointMixin, TrainedTokenCountMixin, Trainer):
-    """transformers' Trainer with atomic checkpoints (qlaunch/checkpoints.py) and a count of the
-    trained tokens (qlaunch/metrics.py)."""
+class QlaunchTrainer(AtomicCheckpointMixin, TrainedTokenCountMixin, LabelledLogitsMixin, Trainer):
+    """transformers' Trainer with atomic checkpoints (qlaunch/checkpoints.py), a count of the
+    trained tokens (qlaunch/metrics.py) and logits only at labelled positions (qlaunch/loss.py)."""
 
 
 def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, callbacks=()):
     args = config.training
-    return QlaunchTrainer(
+    trainer = QlaunchTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -39,6 +40,12 @@ def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, ca
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
+    if args.labelled_logits_only:
+        reason = labelled_logits_unsupported(model)
+        if reason:
+            log.info("Logits at every position (%s); --labelled_logits_only needs a transformers CausalLM.", reason)
+        trainer.labelled_logits_only = reason is None
+    return trainer
 
 
 def resume_request(resume_from_checkpoint, env) -> str | None:

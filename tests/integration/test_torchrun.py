@@ -63,6 +63,24 @@ def test_torchrun_two_processes(ddp_run, single_run):
     assert_matches(ddp_run, single_run, "torchrun 2 procs vs 1 proc")
 
 
+def test_torchrun_labelled_logits_equal_the_full_logits_path(launch_demo, runs_dir):
+    """2 processes x gradient accumulation 2: logits only at labelled positions (the default) give
+    the losses and adapter of transformers' full-logits path (token averaging across ranks and
+    accumulation steps untouched)."""
+    runs = {}
+    for flag in ("True", "False"):
+        out = runs_dir / f"ddp_ga_labelled_{flag}"
+        runs[flag] = launch("lora_ds.sh", ["--deepspeed", "none", "-m", str(launch_demo["model"]),
+                                           "-d", str(launch_demo["data"]), "-o", str(out), "--", *TINY,
+                                           "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
+                                           "2", "--labelled_logits_only", flag],
+                            out, env=base_env(NPROC_PER_NODE=2)).check()
+    assert runs["True"].run_info()["world_size"] == 2
+    assert "Logits at every position" not in runs["True"].text
+    assert_ranks_identical(runs["True"], 2)
+    assert_matches(runs["True"], runs["False"], "labelled logits vs full logits, 2 procs x GA 2")
+
+
 def launch_two_nodes(launch_demo, runs_dir, name: str, **env_extra) -> list:
     """Two launches of lora_ds.sh, NNODES=2 NODE_RANK=0|1, one process each, on MASTER_ADDR=127.0.0.1
     — what a user runs on each of two machines. Returns both finished runs, checked."""

@@ -8,6 +8,7 @@ Tokens are streamed as they are generated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import torch
@@ -57,8 +58,10 @@ def main(argv=None) -> None:
     try:
         from qlaunch.adapters import load_for_inference
 
-        model, tokenizer = load_for_inference(args.base, args.adapter, args.quantization,
-                                              trust_remote_code=args.trust_remote_code)
+        # gptqmodel (GPTQ bases) logs its banner and kernel choice on stdout; stdout is for the reply.
+        with contextlib.redirect_stdout(sys.stderr):
+            model, tokenizer = load_for_inference(args.base, args.adapter, args.quantization,
+                                                  trust_remote_code=args.trust_remote_code)
     except UsageError as e:
         print(e.render("qlaunch.chat"), file=sys.stderr)
         sys.exit(2)

@@ -78,6 +78,11 @@ def _check_values(ns: argparse.Namespace, problems: list[str]) -> None:
                 problems.append(f"--{flag} has no effect without --use_lora (or --q_lora).")
     if ns.quantization != "auto" and not ns.q_lora:
         problems.append(f"--quantization {ns.quantization} has no effect without --q_lora.")
+    from qlaunch.data.cache import cache_dir_problem
+
+    cache_problem = None if ns.lazy_preprocess else cache_dir_problem(getattr(ns, "cache_dir", None))
+    if cache_problem:
+        problems.append(cache_problem)
 
 
 def _value(x):

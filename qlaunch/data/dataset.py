@@ -1,4 +1,10 @@
-"""Training / evaluation datasets: eager (tokenized once, with statistics) or lazy."""
+"""Training / evaluation datasets: eager (tokenized once, with statistics) or lazy.
+
+Eager data comes from the tokenized-data cache (data/cache.py: Arrow on disk, memory-mapped) when
+a cache directory is given, else it is tokenized in memory, in batches. Lazy data
+(--lazy_preprocess, for files larger than memory) is never cached: each sample is tokenized when
+training first reads it.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,16 +13,21 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from qlaunch.data.formats import load_samples
-from qlaunch.data.tokenize import TokenizeStats, tokenize_messages
+from qlaunch.data.tokenize import TokenizeStats, tokenize_batch, tokenize_messages
 from qlaunch.errors import UsageError
 
 log = logging.getLogger("qlaunch")
 
+BATCH = 1000  # conversations per tokenize_batch call on the in-memory path
+
 
 class TokenizedDataset(Dataset):
-    """All samples tokenized up front, so truncation/drop counts are known before training."""
+    """All samples tokenized up front, so truncation/drop counts are known before training.
 
-    def __init__(self, items: list[dict], stats: TokenizeStats):
+    items: a list of {"input_ids", "labels"} dicts, or a datasets.Dataset with those two columns
+    (memory-mapped Arrow from the cache: every rank on a machine shares the same pages)."""
+
+    def __init__(self, items, stats: TokenizeStats):
         self.items = items
         self.stats = stats
 
@@ -25,6 +36,15 @@ class TokenizedDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.items[i]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Every sample's token count (read from Arrow without converting the rows, when cached)."""
+        if isinstance(self.items, list):
+            return [len(item["input_ids"]) for item in self.items]
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(self.items.data.column("input_ids")).to_pylist()
 
 
 class LazyDataset(Dataset):
@@ -65,25 +85,57 @@ def build_dataset(
     truncation: str = "truncate",
     lazy: bool = False,
     show_progress: bool = True,
+    cache_dir: str | None = None,
+    num_proc: int | None = None,
 ) -> Dataset:
-    samples = load_samples(path, system_message)
+    """The dataset of one data file. cache_dir: the tokenized-data cache's directory (None: tokenize
+    in memory); num_proc: worker processes for a cache build (None: by size and CPUs)."""
     if lazy:
-        log.info("%s: %d samples, tokenized lazily as training reads them", path, len(samples))
+        samples = load_samples(path, system_message)
+        log.info("%s: %d samples, tokenized lazily as training reads them (not cached)", path, len(samples))
         return LazyDataset(samples, tokenizer, max_length)
+    if cache_dir is not None:
+        from qlaunch.data.cache import cached_tokenization
 
-    stats = TokenizeStats()
-    items = []
-    iterator = samples
+        rows, stats, _ = cached_tokenization(path, tokenizer, cache_dir, max_length=max_length,
+                                             truncation=truncation, system_message=system_message,
+                                             show_progress=show_progress, num_proc=num_proc)
+        log.info("%s: %s", path, stats.summary(max_length))
+        return TokenizedDataset(rows, stats)
+    samples = load_samples(path, system_message)
+    stats, items = TokenizeStats(), []
+    progress = None
     if show_progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(samples, desc=f"Tokenizing {path}", unit="sample", mininterval=1.0)
-    for messages in iterator:
-        item = tokenize_messages(tokenizer, messages, max_length, truncation, stats)
-        if item is not None:
-            items.append(item)
+        progress = tqdm(total=len(samples), desc=f"Tokenizing {path}", unit="sample", mininterval=1.0)
+    for start in range(0, len(samples), BATCH):
+        batch = samples[start:start + BATCH]
+        items += [item for item in tokenize_batch(tokenizer, batch, max_length, truncation, stats) if item is not None]
+        if progress is not None:
+            progress.update(len(batch))
+    if progress is not None:
+        progress.close()
     log.info("%s: %s", path, stats.summary(max_length))
     if not items:
         fix = "Raise --model_max_length" + (" or use --truncation truncate." if truncation == "drop" else ".")
         raise UsageError(f"{path}: every sample was dropped ({stats.summary(max_length)}). {fix}")
     return TokenizedDataset(items, stats)
+
+
+def build_on_main_first(training_args, build):
+    """Run build() so that one process per cache directory does the work and the others reuse it.
+
+    The main process builds first while every other process waits; then the others run build(),
+    which finds the cache and memory-maps it. A process that still finds nothing (the cache
+    directory is node-local, on another node) builds it for its node: the first process of each
+    node goes first there, the rest of the node waits for it. Without a cache every process
+    tokenizes for itself (rank 0 first), as before. One process: build() once."""
+    result, done = None, False
+    with training_args.main_process_first(local=False, desc="tokenizing"):
+        if training_args.process_index == 0:
+            result, done = build(), True
+    with training_args.main_process_first(local=True, desc="tokenizing"):
+        if not done:
+            result = build()
+    return result

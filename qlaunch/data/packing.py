@@ -40,7 +40,9 @@ class PackedDataset(Dataset):
 
     def __init__(self, samples: Dataset, max_length: int):
         self.samples = samples
-        lengths = [len(samples[i]["input_ids"]) for i in range(len(samples))]
+        # A cached dataset reads its lengths from Arrow; reading every row would convert each one.
+        lengths = samples.lengths if hasattr(samples, "lengths") else [len(samples[i]["input_ids"])
+                                                                         for i in range(len(samples))]
         self.rows = first_fit_decreasing(lengths, max_length)
         self.stats = getattr(samples, "stats", None)
         tokens = sum(lengths)

@@ -13,9 +13,17 @@ tokenized at once and a token is trained when it overlaps a trained span, so the
 those of the whole conversation. Templates whose turns end with no marker fall back to rendering
 prefix by prefix (the end of a turn is where the next prefix starts); tokenizers without offsets
 (Qwen-7B's tiktoken) are tokenized span by span.
+
+Many conversations at once (tokenize_batch, what the datasets cache maps over): two batched
+template calls, one batched call of the fast tokenizer with offsets, and each span's tokens found
+by bisection. tokenize_messages is a batch of one; tokenize_messages_per_sample keeps the former
+one-call-per-conversation path as the reference the batched one is tested against (equal ids,
+labels and statistics) and as the baseline row of bench/tokenize.py.
 """
 from __future__ import annotations
 
+import bisect
+import operator
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -124,12 +132,23 @@ class _NoEndMarker(Exception):
 PLACEHOLDER = "QLAUNCHASSISTANT{}X"
 
 
-def _spans_by_placeholders(tokenizer, messages, full: str, markers: list[str]) -> list[tuple[int, int]]:
-    """Trained character spans of `full`, found from one rendering with placeholder contents."""
+def _with_placeholders(messages: list[dict]) -> list[dict]:
+    """The conversation with every assistant content replaced by its unique placeholder."""
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     holders = {i: PLACEHOLDER.format(n) for n, i in enumerate(assistant)}
-    skeleton = _render(tokenizer, [dict(m, content=holders[i]) if i in holders else m
-                                   for i, m in enumerate(messages)], add_generation_prompt=False)
+    return [dict(m, content=holders[i]) if i in holders else m for i, m in enumerate(messages)]
+
+
+def _spans_by_placeholders(tokenizer, messages, full: str, markers: list[str]) -> list[tuple[int, int]]:
+    """Trained character spans of `full`, found from one rendering with placeholder contents."""
+    skeleton = _render(tokenizer, _with_placeholders(messages), add_generation_prompt=False)
+    return _locate_spans(messages, full, skeleton, markers)
+
+
+def _locate_spans(messages, full: str, skeleton: str, markers: list[str]) -> list[tuple[int, int]]:
+    """Trained character spans of `full`, given its rendering with placeholder assistant contents."""
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    holders = {i: PLACEHOLDER.format(n) for n, i in enumerate(assistant)}
     pieces, rest = [], skeleton
     for n, i in enumerate(assistant):
         before, sep, rest = rest.partition(holders[i])
@@ -197,7 +216,142 @@ def trained_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> t
 
 def segment_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[tuple[str, bool]]:
     """Split the rendered conversation into (text, trained) segments."""
+    return _segments(*trained_spans(tokenizer, messages))
+
+
+def _labels_by_scan(input_ids, offsets, spans) -> list[int]:
+    """A token is trained when it overlaps a trained span (an empty token: when it sits inside one)."""
+    labels, k = [], 0
+    for token, (begin, end) in zip(input_ids, offsets):
+        while k < len(spans) and spans[k][1] <= begin and not (begin == end == spans[k][1]):
+            k += 1
+        inside = k < len(spans) and (
+            begin < spans[k][1] and end > spans[k][0] if end > begin
+            else spans[k][0] <= begin < spans[k][1])
+        labels.append(token if inside else IGNORE_INDEX)
+    return labels
+
+
+def _labels_by_bisect(input_ids: list[int], offsets, spans) -> list[int]:
+    """The same labels as _labels_by_scan, found per span instead of per token.
+
+    When token offsets only move forward and no token is empty, and the spans are non-empty and
+    in order, the tokens overlapping a span are one contiguous run: from the first token ending
+    after the span's start to the last token beginning before its end (two bisections). Anything
+    else (rare: empty tokens, offsets that go back) takes the token-by-token scan."""
+    begins = [b for b, _ in offsets]
+    ends = [e for _, e in offsets]
+    ordered = (all(map(operator.le, begins, begins[1:])) and all(map(operator.le, ends, ends[1:]))
+               and all(map(operator.lt, begins, ends))
+               and all(s < e for s, e in spans) and all(e <= s for (_, e), (s, _) in zip(spans, spans[1:])))
+    if not ordered:
+        return _labels_by_scan(input_ids, offsets, spans)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for start, end in spans:
+        lo, hi = bisect.bisect_right(ends, start), bisect.bisect_left(begins, end)
+        labels[lo:hi] = input_ids[lo:hi]
+    return labels
+
+
+def _system_not_rendered(messages, full: str) -> bool:
+    # Mistral-7B-Instruct-v0.3's template renders the system prompt only into a last *user*
+    # turn, so a training conversation (ending with a reply) loses it. Say so, do not hide it.
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    return bool(system.strip()) and system.strip() not in full
+
+
+def _ids_and_labels(tokenizer, messages, stats=None) -> tuple[list[int], list[int]]:
+    """One conversation, as qlaunch tokenized before batching (the per-sample reference path)."""
     full, spans = trained_spans(tokenizer, messages)
+    if stats is not None and _system_not_rendered(messages, full):
+        stats.system_not_rendered += 1
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = list(encoded["input_ids"])
+        return input_ids, _labels_by_scan(input_ids, encoded["offset_mapping"], spans)
+    input_ids, labels = [], []
+    for text, trained in segment_conversation(tokenizer, messages):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids.extend(ids)
+        labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+    return input_ids, labels
+
+
+def _plain(value) -> bool:
+    """Exact str values only (what formats.py produces), in dicts of a list."""
+    return all(type(m) is dict and all(type(k) is str and type(v) is str for k, v in m.items()) for m in value)
+
+
+def _direct_renderer(tokenizer):
+    """The compiled chat template called as apply_chat_template calls it, or None.
+
+    For conversations of plain {"role": str, "content": str} dicts, apply_chat_template's own
+    preparation (transformers 5: _normalize_chat_messages, _plain_template_data,
+    _alias_reasoning_fields) only copies them, and costs as much as the render itself; this calls
+    the same compiled template (transformers' compile cache) with the same arguments. Used only when
+    the first conversation of a batch renders identically both ways (see _render_batch)."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+        template = tokenizer.get_chat_template()
+        compiled = _compile_jinja_template(template)
+    except Exception:  # noqa: BLE001 - a transformers without these internals: apply_chat_template
+        return None
+    kwargs = dict(tokenizer.special_tokens_map)
+    if not all(type(v) is str for v in kwargs.values()):
+        return None
+    return lambda messages: compiled.render(messages=messages, tools=None, documents=None,
+                                            add_generation_prompt=False, **kwargs)
+
+
+def _render_batch(tokenizer, conversations: list[list[dict]]) -> list[str]:
+    """Each conversation rendered by the chat template exactly as apply_chat_template renders it.
+    A batch the template refuses is rendered one by one, so the error names the problem."""
+    if not conversations:
+        return []
+    try:
+        render = _direct_renderer(tokenizer) if all(_plain(m) for m in conversations) else None
+        if render is not None and render(conversations[0]) == _render(tokenizer, conversations[0], False):
+            return [render(messages) for messages in conversations]
+        return list(tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=False))
+    except Exception:  # noqa: BLE001 - re-rendered one by one below for the message
+        return [_render(tokenizer, messages, add_generation_prompt=False) for messages in conversations]
+
+
+def encode_conversations(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]]):
+    """Many conversations → [(input_ids, labels, system_not_rendered)], equal to _ids_and_labels each.
+
+    Batched: the conversations and their placeholder skeletons are rendered in two template calls,
+    end-of-turn markers are gathered once, the renderings are tokenized in one call of the fast
+    tokenizer, and each trained span's tokens are found by bisection instead of token by token."""
+    fulls = _render_batch(tokenizer, conversations)
+    skeletons = _render_batch(tokenizer, [_with_placeholders(m) for m in conversations])
+    markers = _end_markers(tokenizer)
+    all_spans = []
+    for messages, full, skeleton in zip(conversations, fulls, skeletons):
+        try:
+            all_spans.append(_locate_spans(messages, full, skeleton, markers))
+        except _NoEndMarker:  # templates that end turns with no marker: prefix renderings, as before
+            all_spans.append(_spans_by_prefixes(tokenizer, messages, full, markers))
+    flags = [_system_not_rendered(m, full) for m, full in zip(conversations, fulls)]
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(fulls, add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for ids, offsets, spans, flag in zip(encoded["input_ids"], encoded["offset_mapping"], all_spans, flags):
+            ids = list(ids)
+            out.append((ids, _labels_by_bisect(ids, offsets, spans), flag))
+        return out
+    out = []  # no offsets (Qwen-7B's tiktoken tokenizer): span by span, as before
+    for full, spans, flag in zip(fulls, all_spans, flags):
+        input_ids, labels = [], []
+        for text, trained in _segments(full, spans):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            input_ids.extend(ids)
+            labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+        out.append((input_ids, labels, flag))
+    return out
+
+
+def _segments(full: str, spans) -> list[tuple[str, bool]]:
     segments, cursor = [], 0
     for start, end in spans:
         segments += [(full[cursor:start], False), (full[start:end], True)]
@@ -206,31 +360,20 @@ def segment_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict
     return [(text, trained) for text, trained in segments if text]
 
 
-def _ids_and_labels(tokenizer, messages, stats=None) -> tuple[list[int], list[int]]:
-    full, spans = trained_spans(tokenizer, messages)
-    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-    if stats is not None and system.strip() and system.strip() not in full:
-        # Mistral-7B-Instruct-v0.3's template renders the system prompt only into a last *user*
-        # turn, so a training conversation (ending with a reply) loses it. Say so, do not hide it.
-        stats.system_not_rendered += 1
-    if getattr(tokenizer, "is_fast", False):
-        encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids, labels = list(encoded["input_ids"]), []
-        span_iter, k = spans, 0
-        for token, (begin, end) in zip(input_ids, encoded["offset_mapping"]):
-            while k < len(span_iter) and span_iter[k][1] <= begin and not (begin == end == span_iter[k][1]):
-                k += 1
-            inside = k < len(span_iter) and (
-                begin < span_iter[k][1] and end > span_iter[k][0] if end > begin
-                else span_iter[k][0] <= begin < span_iter[k][1])
-            labels.append(token if inside else IGNORE_INDEX)
-        return input_ids, labels
-    input_ids, labels = [], []
-    for text, trained in segment_conversation(tokenizer, messages):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        input_ids.extend(ids)
-        labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
-    return input_ids, labels
+# What the length policy did to a sample (stored per row in the tokenized-data cache).
+KEPT, TRUNCATED, DROPPED_TOO_LONG, DROPPED_NO_LABELS = 0, 1, 2, 3
+
+
+def apply_length_policy(input_ids, labels, max_length: int, truncation: str):
+    """(input_ids, labels, status) after --truncation: cut to max_length, or dropped."""
+    if len(input_ids) <= max_length:
+        return input_ids, labels, KEPT
+    if truncation == "drop":
+        return input_ids, labels, DROPPED_TOO_LONG
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if labels.count(IGNORE_INDEX) == len(labels):
+        return input_ids, labels, DROPPED_NO_LABELS
+    return input_ids, labels, TRUNCATED
 
 
 @dataclass
@@ -243,6 +386,23 @@ class TokenizeStats:
     longest: int = 0
     drop_reasons: dict[str, int] = field(default_factory=dict)
     system_not_rendered: int = 0  # samples whose system prompt the chat template left out
+
+    def add(self, *, length: int, status: int, tokens: int, trained: int, system_not_rendered: bool,
+            max_length: int) -> None:
+        """Count one sample: its full length, what the length policy did, the kept tokens."""
+        self.samples += 1
+        self.longest = max(self.longest, length)
+        self.system_not_rendered += int(system_not_rendered)
+        if status in (TRUNCATED, DROPPED_NO_LABELS):
+            self.truncated += 1
+        if status in (DROPPED_TOO_LONG, DROPPED_NO_LABELS):
+            reason = (f"longer than {max_length} tokens" if status == DROPPED_TOO_LONG
+                      else "with no assistant tokens left after truncation")
+            self.dropped += 1
+            self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + 1
+            return
+        self.tokens += tokens
+        self.trained_tokens += trained
 
     def summary(self, max_length: int) -> str:
         kept = self.samples - self.dropped
@@ -258,6 +418,52 @@ class TokenizeStats:
         return text
 
 
+def tokenize_rows(tokenizer, conversations, max_length: int, truncation: str = "truncate") -> dict[str, list]:
+    """A batch of conversations → columns: input_ids, labels (empty when dropped), and per sample
+    its full length, status (KEPT/TRUNCATED/DROPPED_*), trained-token count and system flag."""
+    columns = {"input_ids": [], "labels": [], "length": [], "status": [], "trained": [], "system_not_rendered": []}
+    for input_ids, labels, flag in encode_conversations(tokenizer, conversations):
+        length = len(input_ids)
+        input_ids, labels, status = apply_length_policy(input_ids, labels, max_length, truncation)
+        dropped = status in (DROPPED_TOO_LONG, DROPPED_NO_LABELS)
+        columns["input_ids"].append([] if dropped else input_ids)
+        columns["labels"].append([] if dropped else labels)
+        columns["length"].append(length)
+        columns["status"].append(status)
+        columns["trained"].append(0 if dropped else len(labels) - labels.count(IGNORE_INDEX))
+        columns["system_not_rendered"].append(flag)
+    return columns
+
+
+def count_rows(stats: TokenizeStats, columns: dict[str, list], max_length: int,
+               tokens: list[int] | None = None) -> TokenizeStats:
+    """Add tokenize_rows' per-sample columns to stats (in row order); returns stats.
+    tokens: each row's kept token count, when the input_ids column is not at hand."""
+    if tokens is None:
+        tokens = [len(ids) for ids in columns["input_ids"]]
+    for n, length, status, trained, flag in zip(tokens, columns["length"], columns["status"], columns["trained"],
+                                                columns["system_not_rendered"]):
+        stats.add(length=length, status=status, tokens=n, trained=trained, system_not_rendered=flag,
+                  max_length=max_length)
+    return stats
+
+
+def tokenize_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict]],
+    max_length: int,
+    truncation: str = "truncate",
+    stats: TokenizeStats | None = None,
+) -> list[dict | None]:
+    """[{"input_ids", "labels"} or None (dropped)] for many conversations at once."""
+    columns = tokenize_rows(tokenizer, conversations, max_length, truncation)
+    if stats is not None:
+        count_rows(stats, columns, max_length)
+    dropped = (DROPPED_TOO_LONG, DROPPED_NO_LABELS)
+    return [None if status in dropped else {"input_ids": ids, "labels": labels}
+            for ids, labels, status in zip(columns["input_ids"], columns["labels"], columns["status"])]
+
+
 def tokenize_messages(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[dict],
@@ -266,6 +472,18 @@ def tokenize_messages(
     stats: TokenizeStats | None = None,
 ) -> dict | None:
     """Return {"input_ids", "labels"} or None when the sample is dropped."""
+    return tokenize_batch(tokenizer, [messages], max_length, truncation, stats)[0]
+
+
+def tokenize_messages_per_sample(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    max_length: int,
+    truncation: str = "truncate",
+    stats: TokenizeStats | None = None,
+) -> dict | None:
+    """qlaunch's tokenization before batching, one conversation per call: kept as the reference the
+    batched path is tested against and as bench/tokenize.py's baseline row."""
     input_ids, labels = _ids_and_labels(tokenizer, messages, stats)
 
     if stats is not None:

@@ -175,3 +175,111 @@ def test_template_that_rewrites_history_is_refused(tokenizer):
                                 {"from": "user", "value": "c"}, {"from": "assistant", "value": "d"}]}
     with pytest.raises(UsageError, match="does not render assistant turn 1 of 2 exactly once"):
         tokenize_messages(tok, to_messages(record, SYS), 512)
+
+
+# ---- the batched path (tokenize_batch, what the cache maps over) equals the per-sample one ----------
+import os  # noqa: E402
+import random  # noqa: E402
+
+from qlaunch.data.tokenize import (  # noqa: E402
+    _labels_by_bisect,
+    _labels_by_scan,
+    tokenize_batch,
+    tokenize_messages_per_sample,
+)
+
+MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "..", "shared",
+                      "models")
+
+
+def random_conversations(n, seed=0):
+    rng = random.Random(seed)
+    words = "up down hot cold big small a the of é 数据 <|im_end|> \n  x".split(" ")
+    out = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": SYS}] if rng.random() < 0.7 else []
+        for _ in range(rng.randint(1, 4)):
+            messages.append({"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))})
+            reply = " ".join(rng.choice(words) for _ in range(rng.randint(0, 12)))
+            messages.append({"role": "assistant", "content": rng.choice(["", " ", "\n"]) + reply + rng.choice(["", " "])})
+        out.append(messages)
+    return out
+
+
+def assert_batch_equals_per_sample(tok, conversations, max_length, truncation):
+    reference_stats, batch_stats = TokenizeStats(), TokenizeStats()
+    reference = [tokenize_messages_per_sample(tok, m, max_length, truncation, reference_stats) for m in conversations]
+    batched = tokenize_batch(tok, conversations, max_length, truncation, batch_stats)
+    assert batched == reference
+    assert batch_stats == reference_stats
+    assert [tokenize_messages(tok, m, max_length, truncation) for m in conversations[:5]] == reference[:5]
+
+
+@pytest.mark.parametrize("max_length,truncation", [(512, "truncate"), (24, "truncate"), (24, "drop")])
+def test_batch_equals_per_sample_on_random_conversations(tokenizer, max_length, truncation):
+    assert_batch_equals_per_sample(tokenizer, random_conversations(60), max_length, truncation)
+
+
+@pytest.mark.parametrize("template", [
+    # Llama-3 style headers, content trimmed by the template
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n\n{{ m['content'] | trim }}<|im_end|>{% endfor %}",
+    # no end-of-turn marker: the prefix-rendering fallback
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}",
+])
+def test_batch_equals_per_sample_on_other_templates(tokenizer, template):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    assert_batch_equals_per_sample(tok, random_conversations(30, seed=1), 512, "truncate")
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-instruct", "llama-3-instruct", "mistral-7b-instruct-v0.3", "llama-2-chat"])
+def test_batch_equals_per_sample_on_real_tokenizers(name):
+    from transformers import AutoTokenizer
+
+    from qlaunch.data.tokenize import ensure_chat_template
+
+    path = os.path.join(MODELS, name)
+    if not os.path.isdir(path):
+        pytest.skip(f"{path} not present")
+    tok = AutoTokenizer.from_pretrained(path)
+    ensure_chat_template(tok)
+    conversations = random_conversations(40, seed=2)
+    if name in ("mistral-7b-instruct-v0.3", "llama-2-chat"):  # their templates insist on user/assistant turns
+        conversations = [m for m in conversations if m[0]["role"] != "system"] + [
+            [m for m in c if m["role"] != "system"] for c in conversations[:10]]
+    assert_batch_equals_per_sample(tok, conversations, 4096, "truncate")
+    assert_batch_equals_per_sample(tok, conversations, 40, "truncate")
+
+
+def test_template_error_in_a_batch_names_the_problem(tokenizer):
+    from qlaunch.errors import UsageError
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% for m in messages %}{% if m['content'] == 'bad' %}{{ raise_exception('no bad') }}{% endif %}" \
+                        "{{ m['content'] }}<|im_end|>{% endfor %}"
+    good = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    bad = [{"role": "user", "content": "bad"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(UsageError, match="the chat template refused a conversation: no bad"):
+        tokenize_batch(tok, [good, bad, good], 512)
+
+
+def test_bisect_labels_equal_the_token_scan_on_any_offsets():
+    rng = random.Random(0)
+    for trial in range(3000):
+        n = rng.randint(0, 12)
+        offsets, at = [], 0
+        for _ in range(n):
+            at += rng.choice((0, 0, 1, 2))
+            width = rng.choice((0, 1, 1, 2, 3)) if trial % 3 else rng.choice((1, 2))  # empty tokens in 2 of 3
+            offsets.append((at, at + width))
+            if trial % 5 == 0 and rng.random() < 0.2:  # offsets that go back
+                at = max(0, at - 2)
+        spans, pos = [], 0
+        for _ in range(rng.randint(0, 3)):
+            start = pos + rng.randint(0, 3)
+            end = start + rng.randint(0 if trial % 7 == 0 else 1, 4)
+            spans.append((start, end))
+            pos = end
+        ids = list(range(100, 100 + n))
+        assert _labels_by_bisect(ids, offsets, spans) == _labels_by_scan(ids, offsets, spans), (offsets, spans)

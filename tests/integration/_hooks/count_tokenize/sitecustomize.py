@@ -1,0 +1,45 @@
+"""Test-only hook (put this directory on PYTHONPATH): every process logs what it tokenizes.
+
+When QLAUNCH_TEST_TOKENIZE_LOG is set, `qlaunch.data.tokenize.tokenize_rows` (what the
+tokenized-data cache's build maps over) is wrapped so that each call appends
+"RANK PID CONVERSATIONS" to that file. The tests read it to assert which processes tokenized.
+Installed lazily by an import hook on the module, so processes that never import it pay nothing.
+"""
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+
+_TARGET = "qlaunch.data.tokenize"
+
+
+def _patch(module) -> None:
+    original = module.tokenize_rows
+
+    def tokenize_rows(tokenizer, conversations, *args, **kwargs):
+        with open(os.environ["QLAUNCH_TEST_TOKENIZE_LOG"], "a") as f:
+            f.write(f"{os.environ.get('RANK', '-')} {os.getpid()} {len(conversations)}\n")
+        return original(tokenizer, conversations, *args, **kwargs)
+
+    module.tokenize_rows = tokenize_rows
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != _TARGET:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        original_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            original_exec(module)
+            _patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get("QLAUNCH_TEST_TOKENIZE_LOG"):
+    sys.meta_path.insert(0, _Finder())

@@ -58,8 +58,9 @@ def is_zero3(training_args) -> bool:
 
 
 def load_datasets(config, tokenizer):
-    """Tokenize training (and evaluation) data once, rank 0 first."""
-    from qlaunch.data.dataset import build_dataset
+    """Tokenize training (and evaluation) data once: the main process builds the cache, the others map it."""
+    from qlaunch.data.cache import resolve_cache_dir
+    from qlaunch.data.dataset import build_dataset, build_on_main_first
 
     dargs, targs = config.data, config.training
     kwargs = dict(
@@ -68,10 +69,14 @@ def load_datasets(config, tokenizer):
         truncation=dargs.truncation,
         lazy=dargs.lazy_preprocess,
         show_progress=targs.process_index == 0,
+        cache_dir=resolve_cache_dir(dargs.cache_dir),
     )
-    with targs.main_process_first(desc="tokenizing"):
+
+    def build():
         train = build_dataset(dargs.data_path, tokenizer, **kwargs)
-        evaluation = build_dataset(dargs.eval_data_path, tokenizer, **kwargs) if dargs.eval_data_path else None
+        return train, build_dataset(dargs.eval_data_path, tokenizer, **kwargs) if dargs.eval_data_path else None
+
+    train, evaluation = build_on_main_first(targs, build)
     if dargs.packing:
         from qlaunch.data.packing import PackedDataset
 
@@ -80,15 +85,15 @@ def load_datasets(config, tokenizer):
     return train, evaluation
 
 
-def report_dry_run(config) -> None:
+def report_dry_run(config, train_dataset=None) -> None:
     import yaml
 
-    from qlaunch.plan import format_plan, memory_plan
+    from qlaunch.plan import plan_text
 
     effective = {"quant_method": config.quant_method, "compute_dtype": str(config.compute_dtype)}
     effective.update(config.non_default())
     log.info("Effective configuration (non-default values):\n%s", yaml.safe_dump(effective, sort_keys=True))
-    log.info("%s", format_plan(memory_plan(config)))
+    log.info("%s", plan_text(config, train_dataset))  # the same plan as python -m qlaunch.plan
     log.info("--dry_run: configuration and data are valid; exiting before loading the model.")
 
 
@@ -228,7 +233,7 @@ def fit(config, extra_callbacks=()) -> Outcome:
     tokenizer = load_tokenizer(config.model.model_name_or_path, config.model.trust_remote_code)
     train_dataset, eval_dataset = load_datasets(config, tokenizer)
     if targs.dry_run:
-        report_dry_run(config)
+        report_dry_run(config, train_dataset)
         return Outcome("dry_run")
 
     model, targets = load_model(config)

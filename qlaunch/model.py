@@ -32,8 +32,15 @@ GPTQ_EMBEDDINGS = (
 
 def checkpoint_quant_method(model_name_or_path: str, trust_remote_code: bool = False) -> str | None:
     """The quant_method the checkpoint itself declares (e.g. "gptq"), or None."""
-    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    qc = getattr(config, "quantization_config", None)
+    local = os.path.join(os.path.expanduser(model_name_or_path), "config.json")
+    if os.path.isfile(local):  # read as JSON: no remote code runs, a config-only directory works
+        import json
+
+        with open(local, encoding="utf-8") as f:
+            qc = json.load(f).get("quantization_config")
+    else:
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        qc = getattr(config, "quantization_config", None)
     if qc is None:
         return None
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)

@@ -1,6 +1,31 @@
-"""The memory plan's counts are exact against a real model; --dry_run prints it."""
+"""The memory plan: exact counts against real objects, precision as on the planned GPU, config-only
+Qwen(1) directories without remote code, ZeRO partitioning, re-planned fit options, and --dry_run
+printing the same plan as python -m qlaunch.plan."""
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
 from qlaunch.cli import prepare
-from qlaunch.plan import format_plan, memory_plan
+from qlaunch.errors import UsageError
+from qlaunch.memory import gptq_bytes, nf4_bytes
+from qlaunch.plan import format_plan, memory_plan, planned, prepare_plan
+from tests.conftest import REPO
+from tests.model_dims import DIMS, config_dir, shared_config
+
+GiB = 1024**3
+QWEN_LORA = ["--lora_r", "64", "--lora_target_modules", "c_attn", "c_proj", "w1", "w2"]
+
+
+def plan_json(argv):
+    ns, settings, target, stats, _ = prepare_plan(argv)
+    return planned(ns, settings, target, stats)
 
 
 def test_plan_counts_match_the_real_model(demo, tmp_path):
@@ -15,5 +40,215 @@ def test_plan_counts_match_the_real_model(demo, tmp_path):
     peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                         "gate_proj", "up_proj", "down_proj"]))
     assert plan["trainable_parameters"] == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert plan["base_weights_gib"] < plan["parameters"] * 4 / 1024**3  # 4-bit projections
+    assert plan["base_weights_gib"] < plan["parameters"] * 4 / GiB  # 4-bit projections
     assert "Memory plan" in format_plan(plan)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_bytes_equal_a_real_bitsandbytes_layer(double_quant):
+    """Every byte a Linear4bit stores (codes + quant state, read from the object) equals the model's count."""
+    import bitsandbytes as bnb
+
+    from qlaunch.footprint import linear4bit_storage
+
+    layer = bnb.nn.Linear4bit(384, 320, bias=False, quant_type="nf4", compress_statistics=double_quant)
+    layer.weight = bnb.nn.Params4bit(torch.randn(320, 384), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=double_quant)
+    layer = layer.to("cpu")  # quantizes
+    storage = linear4bit_storage(layer)
+    assert storage["weight_bytes"] + storage["state_bytes"] == nf4_bytes(384 * 320, double_quant)
+
+
+def test_gptq_bytes_equal_a_packed_checkpoint():
+    """int32 qweight/qzeros, fp16 scales and int32 g_idx of a hand-packed GPTQ v1 layer."""
+    from qlaunch.testing.gptq import pack_gptq_v1, quantize_rtn_sym
+
+    n_in, n_out, group = 512, 384, 128
+    codes, scales, zero = quantize_rtn_sym(torch.randn(n_out, n_in), 4, group)
+    packed = {**pack_gptq_v1(codes, zero, 4, group), "scales": scales}
+    stored = sum(t.numel() * t.element_size() for t in packed.values())
+    assert stored == gptq_bytes(n_in, n_out, False, {"bits": 4, "group_size": group}, training=False)
+
+
+def _qwen7b_params():
+    # written out term by term from Qwen-7B's architecture (not from qlaunch.shape)
+    h, ffn_half, vocab, layers = 4096, 11008, 151936, 32
+    per_layer = (h * 3 * h + 3 * h) + h * h + 2 * h * ffn_half + ffn_half * h + 2 * h
+    return layers * per_layer + h + 2 * vocab * h
+
+
+def test_qwen1_config_only_directory_plans_without_remote_code(tmp_path):
+    """Only config.json (the real one when ../shared has it): no weights, no tokenizer, no modelling code."""
+    model = config_dir("Qwen/Qwen-7B", str(tmp_path))
+    assert os.listdir(model) == ["config.json"]
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "qlaunch.plan", "--model_name_or_path", model, "--use_lora",
+                           *QWEN_LORA, "--gpu", "A100-80GB", "--json"], capture_output=True, text=True, cwd=REPO)
+    wall = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout)
+    assert plan["parameters"] == _qwen7b_params() == 7_721_324_544
+    assert plan["precision"]["compute_dtype"] == "bfloat16"  # A100: bf16 by the precision rules
+    assert plan["memory_gb"]["per_device_peak"] > plan["parameters"] * 2 / GiB
+    assert os.listdir(model) == ["config.json"]  # nothing downloaded or written
+    print(f"python -m qlaunch.plan wall time (imports included, shared 2-core machine): {wall:.1f} s")
+
+
+def test_planning_itself_is_fast(tmp_path):
+    """The plan (after imports) for the largest recipe model: well under the 10 s budget."""
+    model = config_dir("meta-llama/Meta-Llama-3-70B-Instruct", str(tmp_path), prefer_shared=False)
+    argv = ["--model_name_or_path", model, "--q_lora", "--gpu", "H100-80GB"]
+    plan_json(argv)  # imports
+    start = time.monotonic()
+    plan_json(argv)
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("gpu, quant, dtype", [("A100-80GB", "nf4", "bfloat16"), ("T4", "nf4", "float16"),
+                                               ("V100-32GB", None, "float16"), ("RTX-4090", "gptq", "float16")])
+def test_precision_is_resolved_as_on_that_gpu(tmp_path, gpu, quant, dtype):
+    model = config_dir("Qwen/Qwen-7B-Chat-Int4" if quant == "gptq" else "mistralai/Mistral-7B-Instruct-v0.3",
+                       str(tmp_path))
+    flags = ["--q_lora"] + (["--quantization", quant] if quant == "nf4" else []) if quant else ["--use_lora"]
+    plan = plan_json(["--model_name_or_path", model, *flags, "--gpu", gpu])
+    assert plan["precision"]["compute_dtype"] == dtype
+    assert plan["quantization"] == quant
+
+
+def test_bf16_on_a_gpu_without_it_is_refused_like_training(tmp_path):
+    model = config_dir("mistralai/Mistral-7B-Instruct-v0.3", str(tmp_path))
+    with pytest.raises(UsageError, match="--fp16 True"):
+        plan_json(["--model_name_or_path", model, "--use_lora", "--bf16", "True", "--gpu", "T4"])
+
+
+def test_custom_gpu_and_bad_gpu(tmp_path):
+    model = config_dir("mistralai/Mistral-7B-Instruct-v0.3", str(tmp_path))
+    plan = plan_json(["--model_name_or_path", model, "--q_lora", "--gpu_memory_gb", "16", "--gpu_capability", "7.5"])
+    assert plan["device"]["memory_gb"] == 16 and plan["precision"]["compute_dtype"] == "float16"
+    proc = subprocess.run([sys.executable, "-m", "qlaunch.plan", "--model_name_or_path", model, "--gpu", "GTX-9000"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "unknown GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_lora_and_weight_terms_by_hand(tmp_path):
+    """Mistral-7B NF4 (double quant): quantized weights, fp32 non-quantized parameters, fp32 LoRA r16
+    + gradients + AdamW moments, counted here from the dimensions."""
+    d = DIMS["mistralai/Mistral-7B-Instruct-v0.3"]
+    h, inter, layers, heads, kv, vocab = (d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"],
+                                          d["num_attention_heads"], d["num_key_value_heads"], d["vocab_size"])
+    hd = h // heads
+    shapes = [(h, h), (h, kv * hd), (h, kv * hd), (h, h), (h, inter), (h, inter), (inter, h)]
+    quantized = layers * sum(nf4_bytes(i * o, True) for i, o in shapes)
+    other = 2 * vocab * h + layers * 2 * h + h
+    lora = layers * sum(16 * (i + o) for i, o in shapes)
+    model = config_dir("mistralai/Mistral-7B-Instruct-v0.3", str(tmp_path))
+    plan = plan_json(["--model_name_or_path", model, "--q_lora", "--quantization", "nf4", "--lora_r", "16",
+                      "--optim", "adamw_torch", "--gpu", "A100-80GB"])
+    persistent = plan["memory_gb"]["persistent"]
+    assert math.isclose(persistent["base weights"] * GiB, quantized + 4 * other, rel_tol=1e-9)
+    assert plan["trainable_parameters"] == lora
+    assert math.isclose(persistent["optimizer state"] * GiB, 8 * lora, rel_tol=1e-9)
+    assert math.isclose(persistent["gradients"] * GiB, 4 * lora, rel_tol=1e-9)
+
+
+def test_zero_partitions_by_world_size(tmp_path):
+    model = config_dir("Qwen/Qwen2-7B-Instruct", str(tmp_path))
+    base = ["--model_name_or_path", model, "--use_lora", "--gpu", "A100-80GB"]
+    zero2 = plan_json(base + ["--deepspeed", os.path.join(REPO, "ds_configs", "zero2.json"), "--num_gpus", "8"])
+    zero3 = plan_json(base + ["--deepspeed", os.path.join(REPO, "ds_configs", "zero3.json"), "--num_gpus", "4",
+                              "--num_nodes", "2"])
+    assert zero3["world_size"] == 8
+    p2, p3 = zero2["memory_gb"]["persistent"], zero3["memory_gb"]["persistent"]
+    assert math.isclose(p3["base weights"] * 8, p2["base weights"], rel_tol=1e-9)  # ZeRO-3 shards the frozen base
+    trainable = zero2["trainable_parameters"]
+    assert math.isclose(p2["optimizer state (fp32 master + moments)"] * GiB, 12 * trainable / 8, rel_tol=1e-9)
+    assert zero3["memory_gb"]["per_device_peak"] < zero2["memory_gb"]["per_device_peak"]
+
+
+def test_longer_rows_eager_attention_and_no_checkpointing_cost_more(tmp_path):
+    model = config_dir("meta-llama/Meta-Llama-3-8B-Instruct", str(tmp_path))
+    base = ["--model_name_or_path", model, "--q_lora", "--gpu", "H100-80GB", "--activation_checkpointing", "True",
+            "--per_device_train_batch_size", "1"]
+    peak = lambda extra: plan_json(base + extra)["memory_gb"]["per_device_peak"]  # noqa: E731
+    assert peak(["--model_max_length", "4096"]) > peak(["--model_max_length", "2048"])
+    # checkpointed: eager's (heads, s, s) matrices exist for the one recomputed block only
+    eager = plan_json(base + ["--model_max_length", "2048", "--attn_implementation", "eager"])["memory_gb"]
+    sdpa = plan_json(base + ["--model_max_length", "2048"])["memory_gb"]
+    heads, s = DIMS["meta-llama/Meta-Llama-3-8B-Instruct"]["num_attention_heads"], 2048
+    assert math.isclose((eager["phases"]["block backward"] - sdpa["phases"]["block backward"]) * GiB,
+                        (4 + 2) * heads * s * s, rel_tol=1e-9)  # fp32 softmax + its bf16 copy
+    no_ckpt = ["--model_name_or_path", model, "--q_lora", "--gpu", "H100-80GB", "--model_max_length", "2048"]
+    assert plan_json(no_ckpt)["memory_gb"]["per_device_peak"] > sdpa["per_device_peak"]
+    assert (plan_json(no_ckpt + ["--attn_implementation", "eager"])["memory_gb"]["per_device_peak"]
+            > plan_json(no_ckpt)["memory_gb"]["per_device_peak"])
+
+
+def test_fit_verdict_options_are_replanned(tmp_path):
+    """Every option the verdict offers is what re-planning with that flag gives, and it fits."""
+    model = config_dir("meta-llama/Meta-Llama-3-8B-Instruct", str(tmp_path))
+    argv = ["--config", os.path.join(REPO, "recipes", "llama3-8b-nf4-qlora.yaml"), "--model_name_or_path", model,
+            "--gpu", "RTX-4090"]
+    from qlaunch.oom import options_that_fit
+
+    ns, settings, target, stats, _ = prepare_plan(argv)
+    plan = planned(ns, settings, target, stats, options_that_fit)
+    assert plan["fit"]["fits"] is False and plan["fit"]["text"].startswith("does not fit:")
+    assert plan["fit"]["options"]
+    for option in plan["fit"]["options"]:
+        flags = option["change"].split(" (")[0].split()
+        again = plan_json(argv + flags)
+        assert math.isclose(again["memory_gb"]["per_device_peak"], option["per_device_peak"], rel_tol=1e-9)
+        assert again["fit"]["fits"] is True
+
+
+def test_dry_run_prints_the_same_plan_as_the_plan_command(demo, tmp_path, caplog):
+    from qlaunch.cli import fit
+    from qlaunch.plan import main
+
+    flags = ["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--output_dir", str(tmp_path),
+             "--q_lora", "--model_max_length", "64"]
+    with caplog.at_level(logging.INFO, logger="qlaunch"):
+        logging.getLogger("qlaunch").propagate = True
+        fit(prepare(flags + ["--dry_run", "True"]))
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    block = logged[logged.index("Memory plan:"):].split("\n--dry_run")[0]
+    block = block[:block.index("peak per device")] + "peak per device"
+    proc = subprocess.run([sys.executable, "-m", "qlaunch.plan", *flags], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert block in proc.stdout
+    assert "data: " in block  # the real token lengths were used
+
+
+def test_shared_configs_agree_with_the_dimension_table():
+    found = 0
+    for model_id, dims in DIMS.items():
+        real = shared_config(model_id)
+        if real is None:
+            continue
+        found += 1
+        for key, value in dims.items():
+            if key in real and key not in ("max_position_embeddings", "quantization_config"):
+                assert real[key] == value, (model_id, key)
+    if not found:
+        pytest.skip("../shared/models/configs is absent")
+
+
+def test_labelled_logits_plan_the_trained_share_of_positions(demo, tmp_path):
+    """With --labelled_logits_only (the default) and data, lm_head sees the trained tokens only: the
+    plan's logits chain shrinks by the data's trained share; without data or with the flag off,
+    every position is planned."""
+    from qlaunch.plan import logits_fraction
+
+    base = ["--model_name_or_path", demo["model"], "--q_lora", "--gpu", "A100-80GB", "--model_max_length", "128",
+            "--data_path", demo["train"]]
+    on, off = plan_json(base), plan_json(base + ["--labelled_logits_only", "False"])
+    stats = on["tokens"]
+    assert 0 < stats["trained_tokens"] < stats["tokens"]
+    share = stats["trained_tokens"] / stats["tokens"]
+    assert on["logit_positions"] == max(1, round(off["logit_positions"] * share))
+    assert on["memory_gb"]["phases"]["loss"] < off["memory_gb"]["phases"]["loss"]
+    no_data = [a for a in base if a not in ("--data_path", demo["train"])]
+    assert off["logit_positions"] == off["tokens_per_micro_batch"]
+    without = plan_json(no_data)
+    assert without["logit_positions"] == without["tokens_per_micro_batch"]
+    assert logits_fraction(type("A", (), {"labelled_logits_only": True})(), None) == 1.0

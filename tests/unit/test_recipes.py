@@ -1,5 +1,6 @@
 """Every shipped recipe parses through the real parser and validates; each names its launch command."""
 import glob
+import re
 import os
 
 import pytest
@@ -37,3 +38,39 @@ def test_recipe_parses_and_validates(path, demo, tmp_path):
         part = next(p for p in (config.model, config.data, config.lora, config.training) if hasattr(p, key))
         got = getattr(part, key)
         assert getattr(got, "value", got) == value or key in ("lora_target_modules", "report_to"), key
+
+
+# ---- every recipe fits the GPU its header names ------------------------------------------------
+
+GENERIC = {"lora-default.yaml", "qlora-default.yaml"}  # the launchers' defaults: no model, no GPU
+
+
+def header(path):
+    with open(path) as f:
+        lines = [line for line in f if line.startswith("#")]
+    text = "".join(lines)
+    gpu = re.search(r"^# GPU: (\S+)(?: x(\d+))?", text, re.M)
+    model = re.search(r"--model_name_or_path (\S+)", text)
+    deepspeed = re.search(r"--deepspeed (\S+)", text)
+    return (gpu.group(1) if gpu else None, int(gpu.group(2) or 1) if gpu else 1,
+            model.group(1) if model else None, deepspeed.group(1) if deepspeed else None)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_recipe_fits_the_gpu_its_header_names(path, demo, tmp_path):
+    from qlaunch.plan import planned, prepare_plan
+    from tests.model_dims import DIMS, config_dir
+
+    gpu, count, model, deepspeed = header(path)
+    if os.path.basename(path) in GENERIC:
+        assert gpu is None
+        return
+    assert gpu, "a model recipe names the GPU it fits at its top: '# GPU: NAME'"
+    model_dir = demo["model"] if model.startswith("runs/demo") else config_dir(model, str(tmp_path))
+    assert model.startswith("runs/demo") or model in DIMS
+    argv = ["--config", path, "--model_name_or_path", model_dir, "--gpu", gpu, "--num_gpus", str(count)]
+    if deepspeed:
+        argv += ["--deepspeed", os.path.join(REPO, deepspeed)]
+    ns, settings, target, stats, _ = prepare_plan(argv)
+    plan = planned(ns, settings, target, stats)
+    assert plan["fit"]["fits"], plan["fit"]["text"]

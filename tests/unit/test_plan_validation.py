@@ -1,0 +1,45 @@
+"""The memory model against Qwen's published single-GPU measurements (A100-80G, batch 1, gradient
+accumulation 8, flash-attention 2, gradient checkpointing, LoRA r64 on c_attn c_proj w1 w2, Qwen's
+adamw_torch): every cell within ±15%. Nothing in qlaunch.memory is fitted to these numbers.
+
+Known misses (strict xfail, so a fix shows up): the Int4 runs at short lengths measure 2-4.5 GB more
+than every term the model counts (the same model is within 15% for the bf16 LoRA runs and for the
+Int4 runs from 1024-2048 tokens on); see the README's planning section.
+"""
+import pytest
+
+from qlaunch.plan import planned, prepare_plan
+from tests.model_dims import config_dir
+
+LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
+PUBLISHED_GB = {
+    ("Qwen/Qwen-7B-Chat-Int4", "qlora"): (11.5, 11.5, 12.3, 13.9, 16.9, 23.5),
+    ("Qwen/Qwen-14B-Chat-Int4", "qlora"): (18.7, 18.4, 18.9, 19.9, 23.0, 27.9),
+    ("Qwen/Qwen-7B", "lora"): (20.1, 20.4, 21.5, 23.8, 29.7, 36.6),
+    ("Qwen/Qwen-14B", "lora"): (34.6, 35.1, 35.3, 37.4, 42.5, 55.2),
+}
+KNOWN_MISSES = {("Qwen/Qwen-7B-Chat-Int4", 256), ("Qwen/Qwen-7B-Chat-Int4", 512), ("Qwen/Qwen-14B-Chat-Int4", 256),
+                ("Qwen/Qwen-14B-Chat-Int4", 512), ("Qwen/Qwen-14B-Chat-Int4", 1024)}
+
+
+def cells():
+    for (model, method), values in PUBLISHED_GB.items():
+        for length, gb in zip(LENGTHS, values):
+            marks = [pytest.mark.xfail(strict=True, reason="Int4 short-length cells: see module docstring")] \
+                if (model, length) in KNOWN_MISSES else []
+            yield pytest.param(model, method, length, gb, marks=marks, id=f"{model.split('/')[1]}-{length}")
+
+
+@pytest.mark.parametrize("model, method, length, published", cells())
+def test_published_qwen_memory(tmp_path_factory, model, method, length, published):
+    path = config_dir(model, str(tmp_path_factory.mktemp("cfg")))
+    argv = ["--model_name_or_path", path, "--use_lora", "--lora_r", "64", "--lora_dropout", "0.05",
+            "--lora_target_modules", "c_attn", "c_proj", "w1", "w2", "--per_device_train_batch_size", "1",
+            "--gradient_accumulation_steps", "8", "--model_max_length", str(length), "--gradient_checkpointing",
+            "--attn_implementation", "flash_attention_2", "--optim", "adamw_torch", "--gpu", "A100-80GB",
+            "--labelled_logits_only", "False"]  # Qwen's finetune.py computes logits at every position
+    argv += ["--q_lora", "--fp16", "True"] if method == "qlora" else ["--bf16", "True"]
+    ns, settings, target, stats, _ = prepare_plan(argv)
+    gb = planned(ns, settings, target, stats)["memory_gb"]["per_device_peak"]
+    print(f"{model} {length}: planned {gb:.1f} GB, published {published} GB, ratio {gb / published:.2f}")
+    assert abs(gb / published - 1) <= 0.15

@@ -60,6 +60,7 @@ bench: $(VENV)/.all
 	$(PY) bench/nf4_bits.py
 	$(PY) bench/padding.py
 	$(PY) bench/throughput.py
+	$(PY) bench/tokenization.py
 	$(PY) bench/logits_memory.py
 
 clean:

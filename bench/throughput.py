@@ -5,7 +5,8 @@
 Modes: pad_to_max (every sample padded to max_length: Qwen's finetune.py, written here), dynamic
 (qlaunch's default: each batch padded to its longest sample), group_by_length (transformers'
 length-grouped order, then dynamic padding), packing (--packing True: rows of up to max_length,
-samples isolated). Models: the demo model and a ~20M-parameter random Qwen2-shaped model, LoRA r64
+samples isolated); qlaunch's three modes compute logits only at labelled positions, as its Trainer
+does (--labelled_logits_only 0 to compare without). Models: the demo model and a ~20M-parameter random Qwen2-shaped model, LoRA r64
 on every projection, fp32 on CPU. The data is a seeded synthetic set of token ids with a long tail
 (log-normal lengths, median ~110 tokens, a tail past 512), the last ~40% of each sample trained.
 Each (model, mode) runs in its own process, so peak RSS is its own. Prints a table, writes JSON.
@@ -100,7 +101,12 @@ def worker(model_name: str, mode: str, args) -> dict:
     steps = min(args.steps, len(batches))
     real = trained = total = 0
     start = time.perf_counter()
+    from qlaunch.loss import labelled_positions
+
     for batch, real_tokens in batches[:steps]:
+        if mode != "pad_to_max" and args.labelled_logits_only:  # what qlaunch's Trainer passes (qlaunch/loss.py)
+            mask, targets = labelled_positions(batch["labels"])
+            batch = {**batch, "logits_to_keep": mask, "shift_labels": targets}
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
@@ -121,6 +127,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--quick", action="store_true", help="demo model only, 4 steps (a smoke test)")
+    parser.add_argument("--labelled_logits_only", type=int, default=1,
+                        help="1 (qlaunch's default): qlaunch's modes compute logits only at labelled positions; "
+                        "0: every position. pad_to_max (Qwen's way) always computes every position.")
     parser.add_argument("--json", default=os.path.join(REPO, "bench", "results", "throughput.json"))
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -138,7 +147,7 @@ def main() -> None:
         for mode in MODES:
             cmd = [sys.executable, __file__, "--worker", model, mode, "--work", work, "--max_length",
                    str(args.max_length), "--batch_size", str(args.batch_size), "--steps", str(steps), "--samples",
-                   str(args.samples)]
+                   str(args.samples), "--labelled_logits_only", str(args.labelled_logits_only)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ,
                                                                                            OMP_NUM_THREADS="1"))
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -163,6 +172,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"benchmark": "throughput", "max_length": args.max_length, "batch_size": args.batch_size,
+                   "labelled_logits_only": bool(args.labelled_logits_only),
                    "rows": rows, "summary": summary}, f, indent=2)
     print(f"wrote {args.json}")
 

@@ -94,7 +94,7 @@ def oom_report(config, error: BaseException, device_bytes: int | None) -> str:
     plan = memory_plan(config, target)
     lines = [f"finetune.py: error: out of GPU memory ({str(error).splitlines()[0][:160]})", format_plan(plan)]
     if device_bytes:
-        lines.append(f"Device memory: {device_bytes / GiB:.1f} GiB.")
+        lines.append(f"Device memory: {device_bytes / GiB:.1f} GB.")
     args = flat_args(config)
     replans = replan_all(args, config.settings, target, model_shape(read_config(args.model_name_or_path)), None)
     if device_bytes:  # the mildest change of each kind that fits (candidates come mildest first)
@@ -105,7 +105,7 @@ def oom_report(config, error: BaseException, device_bytes: int | None) -> str:
     options = sorted(mildest.values())
     if options:
         lines.append("Options, re-planned (estimate per process):")
-        lines += [f"  {text}: {gb:.2f} GiB" for gb, text in options[:2]]
+        lines += [f"  {text}: {gb:.2f} GB" for gb, text in options[:2]]
     lines.append("Or a larger GPU, more GPUs with ZeRO-2/3 (launch/qlora_ds.sh), or --q_lora on a full-precision base.")
     return "\n".join(lines)
 

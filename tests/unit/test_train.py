@@ -164,3 +164,18 @@ def test_run_report_has_throughput_memory_and_lr_axis(lora_run):
     assert image.ndim == 3 and image.shape[0] > 100
     fig = loss_figure(trainer.state.log_history, "t")
     assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "learning rate"
+
+
+def test_report_to_tensorboard_writes_the_loss_events(demo, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "out"  # transformers 5: OUTPUT/runs/<time_host>, or $TENSORBOARD_LOGGING_DIR
+    trainer = train(demo, logs, "--use_lora", "--max_steps", "3", "--report_to", "tensorboard")
+    events = [os.path.join(d, f) for d, _, files in os.walk(logs) for f in files if f.startswith("events.out")]
+    assert events, f"no tensorboard event file under {logs}"
+    accumulator = EventAccumulator(os.path.dirname(events[0]))
+    accumulator.Reload()
+    losses = [e.value for e in accumulator.Scalars("train/loss")]
+    assert losses == pytest.approx(losses_of := [h["loss"] for h in trainer.state.log_history if "loss" in h], rel=1e-5)
+    assert len(losses_of) == 3

@@ -18,7 +18,7 @@ Many conversations at once (tokenize_batch, what the datasets cache maps over): 
 template calls, one batched call of the fast tokenizer with offsets, and each span's tokens found
 by bisection. tokenize_messages is a batch of one; tokenize_messages_per_sample keeps the former
 one-call-per-conversation path as the reference the batched one is tested against (equal ids,
-labels and statistics) and as the baseline row of bench/tokenize.py.
+labels and statistics) and as the baseline row of bench/tokenization.py.
 """
 from __future__ import annotations
 
@@ -483,7 +483,7 @@ def tokenize_messages_per_sample(
     stats: TokenizeStats | None = None,
 ) -> dict | None:
     """qlaunch's tokenization before batching, one conversation per call: kept as the reference the
-    batched path is tested against and as bench/tokenize.py's baseline row."""
+    batched path is tested against and as bench/tokenization.py's baseline row."""
     input_ids, labels = _ids_and_labels(tokenizer, messages, stats)
 
     if stats is not None:

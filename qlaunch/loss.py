@@ -63,8 +63,11 @@ class LabelledLogitsMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
+        # Evaluation with compute_metrics hands the logits to user code (and gathers them across
+        # ranks), which expects (batch, sequence, vocab): keep the ordinary path there.
+        metrics_need_logits = return_outputs and self.compute_metrics is not None
         if (self.labelled_logits_only and labels is not None and "logits_to_keep" not in inputs
-                and self.label_smoother is None and self.compute_loss_func is None):
+                and not metrics_need_logits and self.label_smoother is None and self.compute_loss_func is None):
             mask, targets = labelled_positions(labels)
             inputs = {**inputs, "logits_to_keep": mask, "shift_labels": targets}
         return super().compute_loss(model, inputs, return_outputs=return_outputs,

@@ -136,3 +136,28 @@ def test_training_with_gradient_accumulation_equals_the_full_logits_path(demo, t
     torch.testing.assert_close(torch.tensor(l_part), torch.tensor(l_full), rtol=1e-5, atol=0)
     for name in w_full:
         torch.testing.assert_close(w_part[name], w_full[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_eval_loss_equals_the_full_path_and_metrics_get_full_logits(demo, tmp_path):
+    """Trainer.evaluate: the same eval loss on both paths; with compute_metrics the logits handed
+    over keep their (batch, sequence, vocab) shape."""
+    from qlaunch.model import load_tokenizer
+    from qlaunch.train import build_trainer
+    from qlaunch.cli import load_datasets, load_model
+
+    config = prepare(["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--eval_data_path",
+                      demo["eval"], "--output_dir", str(tmp_path), *FAST, "--eval_strategy", "no"])
+    tokenizer = load_tokenizer(demo["model"])
+    train_data, eval_data = load_datasets(config, tokenizer)
+    model, _ = load_model(config)
+    trainer = build_trainer(config, model, tokenizer, train_data, eval_data)
+    assert trainer.labelled_logits_only
+    labelled = trainer.evaluate()["eval_loss"]
+    trainer.labelled_logits_only = False
+    full = trainer.evaluate()["eval_loss"]
+    assert labelled == pytest.approx(full, rel=1e-5)
+    shapes = []
+    trainer.labelled_logits_only = True
+    trainer.compute_metrics = lambda p: shapes.append(p.predictions.shape) or {}
+    trainer.evaluate()
+    assert shapes and len(shapes[0]) == 3 and shapes[0][-1] == model.config.vocab_size

@@ -70,39 +70,41 @@ def replan_all(args, settings, target, shape, stats) -> list[tuple[str, float]]:
     return out
 
 
+def mildest_of_each_kind(replans: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The first change of each kind (its first flag): candidate_changes lists the mildest first."""
+    first: dict[str, tuple[str, float]] = {}
+    for text, gb in replans:
+        first.setdefault(text.split()[0], (text, gb))
+    return list(first.values())
+
+
 def options_that_fit(args, settings, target, shape, stats) -> list[tuple[str, float]]:
     """The re-planned changes that fit the target's memory: the mildest change of each kind
     (the longest --model_max_length, the largest batch), at most four."""
     limit = (target.memory_bytes or 0) / GiB
-    seen, fitting = set(), []
-    for text, gb in replan_all(args, settings, target, shape, stats):
-        kind = text.split()[0]
-        if gb <= limit and kind not in seen:
-            seen.add(kind)
-            fitting.append((text, gb))
+    fitting = mildest_of_each_kind([(text, gb) for text, gb in replan_all(args, settings, target, shape, stats)
+                                    if gb <= limit])
     return sorted(fitting, key=lambda x: -x[1])[:4]
 
 
 def oom_report(config, error: BaseException, device_bytes: int | None) -> str:
     """The message for an out-of-memory error of this run on a device of device_bytes (None: unknown)."""
-    from qlaunch.plan import detected_target, flat_args, format_plan, memory_plan
+    from qlaunch.plan import compute, detected_target, flat_args, format_plan
     from qlaunch.shape import model_shape, read_config
 
     target = detected_target()
     if device_bytes:
         target = dataclasses.replace(target, memory_bytes=device_bytes)
-    plan = memory_plan(config, target)
+    args = flat_args(config)
+    shape = model_shape(read_config(args.model_name_or_path))  # once, for the plan and every re-plan
+    plan = compute(args, config.settings, target, shape, None)
     lines = [f"finetune.py: error: out of GPU memory ({str(error).splitlines()[0][:160]})", format_plan(plan)]
     if device_bytes:
         lines.append(f"Device memory: {device_bytes / GiB:.1f} GB.")
-    args = flat_args(config)
-    replans = replan_all(args, config.settings, target, model_shape(read_config(args.model_name_or_path)), None)
-    if device_bytes:  # the mildest change of each kind that fits (candidates come mildest first)
+    replans = replan_all(args, config.settings, target, shape, None)
+    if device_bytes:  # the mildest change of each kind that fits
         replans = [(text, gb) for text, gb in replans if gb * GiB < 0.95 * device_bytes] or replans
-    mildest = {}
-    for text, gb in replans:
-        mildest.setdefault(text.split()[0], (gb, text))
-    options = sorted(mildest.values())
+    options = sorted((gb, text) for text, gb in mildest_of_each_kind(replans))
     if options:
         lines.append("Options, re-planned (estimate per process):")
         lines += [f"  {text}: {gb:.2f} GB" for gb, text in options[:2]]

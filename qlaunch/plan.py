@@ -73,7 +73,7 @@ def token_stats(args, lengths: list[int] | None = None, trained: int | None = No
     if lengths is None:
         if not getattr(args, "data_path", None):
             return None
-        from qlaunch.data.dataset import TokenizedDataset, build_dataset
+        from qlaunch.data.dataset import build_dataset
         from qlaunch.model import load_tokenizer
 
         try:
@@ -81,12 +81,9 @@ def token_stats(args, lengths: list[int] | None = None, trained: int | None = No
         except Exception as e:  # a config-only directory: no tokenizer, no statistics
             return {"error": f"no tokenizer to count tokens with ({type(e).__name__}); planned at "
                              f"--model_max_length {args.model_max_length}"}
-        dataset = build_dataset(args.data_path, tokenizer, max_length=args.model_max_length,
-                                system_message=args.system_message, truncation=args.truncation,
-                                lazy=False, show_progress=False)
-        assert isinstance(dataset, TokenizedDataset)
-        lengths = [len(item["input_ids"]) for item in dataset.items]
-        trained = sum(sum(1 for label in item["labels"] if label != -100) for item in dataset.items)
+        return dataset_stats(build_dataset(args.data_path, tokenizer, max_length=args.model_max_length,
+                                           system_message=args.system_message, truncation=args.truncation,
+                                           lazy=False, show_progress=False))
     if not lengths:
         return None
     ordered = sorted(lengths)
@@ -239,14 +236,13 @@ def memory_plan(config, target: Target | None = None, stats: dict | None = None)
 
 
 def dataset_stats(dataset) -> dict | None:
-    items = getattr(dataset, "items", None)
-    if items is None:
-        inner = getattr(dataset, "samples", None)
-        items = getattr(inner, "items", None)
-    if not items:
+    """token_stats of a built dataset, from what it already knows: its lengths (read from Arrow
+    when cached, no row converted) and its tokenizing statistics' trained count. None when
+    nothing was tokenized up front (--lazy_preprocess)."""
+    samples = getattr(dataset, "samples", dataset)  # a PackedDataset wraps the tokenized samples
+    if not hasattr(samples, "lengths"):
         return None
-    trained = sum(sum(1 for label in item["labels"] if label != -100) for item in items)
-    return token_stats(None, [len(item["input_ids"]) for item in items], trained)
+    return token_stats(None, samples.lengths, samples.stats.trained_tokens)
 
 
 def plan_text(config, dataset=None) -> str:

@@ -35,6 +35,18 @@ def model_copy(tmp_path, demo, drop):
     return ["--model_name_or_path", str(target)]
 
 
+def remote_code_model(tmp_path, demo):
+    """The demo model whose config points at modelling code of its own (as Qwen-7B's does)."""
+    model = model_copy(tmp_path, demo, ".none")
+    config_path = os.path.join(model[1], "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_own.OwnForCausalLM"}
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    return [*model, "--trust_remote_code", "True", "--packing", "True"]
+
+
 def flags(*argv):
     return lambda tmp_path, demo: list(argv)
 
@@ -113,6 +125,8 @@ CASES = [
     ("recipe missing", lambda t, d: ["--config", str(t / "r.yaml")], "--config: file not found"),
     ("recipe bad yaml", lambda t, d: ["--config", write(t, "r.yaml", "lora_r: [8\n")], "not valid YAML"),
     ("recipe unknown key", lambda t, d: ["--config", write(t, "r.yaml", "lora_rank: 8\n")], "unknown keys lora_rank"),
+    ("packing with remote code", remote_code_model, "--packing with a model that runs its own modelling code "
+     "(modeling_own.OwnForCausalLM, --trust_remote_code): its attention does not isolate packed samples"),
     ("output dir is a file", lambda t, d: ["--output_dir", write(t, "out", "x")], "exists and is not a directory"),
     ("output dir under a file", lambda t, d: ["--output_dir", os.path.join(write(t, "f", "x"), "out")],
      "cannot be created"),

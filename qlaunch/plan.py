@@ -181,7 +181,8 @@ def fit_verdict(plan: dict, options: list[tuple[str, float]] | None = None) -> d
     memory = plan["device"]["memory_gb"]
     peak = plan["memory_gb"]["per_device_peak"]
     if memory is None:
-        return {"fits": None, "text": f"peak {peak:.1f} GB per process (CPU: no device limit planned)"}
+        return {"fits": None, "text": f"peak {peak:.1f} GB of live memory per process (CPU: no device limit "
+                "planned; glibc keeps freed memory, so peak RSS can be higher unless MALLOC_MMAP_THRESHOLD_=131072)"}
     where = f"{plan['world_size']}x {plan['device']['name']}"
     if peak <= memory:
         return {"fits": True, "spare_gb": memory - peak,

@@ -1,5 +1,6 @@
 """Every shipped recipe parses through the real parser and validates; each names its launch command."""
 import glob
+import json
 import re
 import os
 
@@ -74,3 +75,31 @@ def test_recipe_fits_the_gpu_its_header_names(path, demo, tmp_path):
     ns, settings, target, stats, _ = prepare_plan(argv)
     plan = planned(ns, settings, target, stats)
     assert plan["fit"]["fits"], plan["fit"]["text"]
+
+
+def test_plan_command_on_every_recipe_is_fast_and_reads_only_config(tmp_path):
+    """`python -m qlaunch.plan` on each model recipe, as a user runs it: its own process (imports
+    included), offline, on a directory holding only config.json: under 10 s each, nothing written."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.model_dims import config_dir
+
+    walls = {}
+    for path in RECIPES:
+        gpu, count, model, _ = header(path)
+        if os.path.basename(path) in GENERIC or model.startswith("runs/demo"):
+            continue
+        model_dir = config_dir(model, str(tmp_path / os.path.basename(path)))
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "qlaunch.plan", "--config", path, "--model_name_or_path",
+                               model_dir, "--gpu", gpu, "--num_gpus", str(count), "--json"],
+                              capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        walls[os.path.basename(path)] = time.monotonic() - start
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout)["fit"]["fits"]
+        assert os.listdir(model_dir) == ["config.json"]
+    print("python -m qlaunch.plan wall seconds:", {k: round(v, 1) for k, v in walls.items()})
+    assert len(walls) >= 9
+    assert max(walls.values()) < 10, walls

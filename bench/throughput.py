@@ -5,7 +5,9 @@
 Modes: pad_to_max (every sample padded to max_length: Qwen's finetune.py, written here), dynamic
 (qlaunch's default: each batch padded to its longest sample), group_by_length (transformers'
 length-grouped order, then dynamic padding), packing (--packing True: rows of up to max_length,
-samples isolated); qlaunch's three modes compute logits only at labelled positions, as its Trainer
+samples isolated, --batch_size rows per step), packing_equal_samples (the same, with as many rows
+per step as hold --batch_size samples on average: the unpacked modes' samples per optimizer step,
+as one would set --per_device_train_batch_size when switching to packing); qlaunch's modes compute logits only at labelled positions, as its Trainer
 does (--labelled_logits_only 0 to compare without). Models: the demo model and a ~20M-parameter random Qwen2-shaped model, LoRA r64
 on every projection, fp32 on CPU. The data is a seeded synthetic set of token ids with a long tail
 (log-normal lengths, median ~110 tokens, a tail past 512), the last ~40% of each sample trained.
@@ -27,7 +29,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-MODES = ("pad_to_max", "dynamic", "group_by_length", "packing")
+MODES = ("pad_to_max", "dynamic", "group_by_length", "packing", "packing_equal_samples")
 MODELS = {"demo": None, "random-20M": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
                                            num_attention_heads=6, num_key_value_heads=2, vocab_size=8192)}
 
@@ -68,10 +70,12 @@ def batches_for(mode: str, items: list[dict], batch_size: int, max_length: int, 
         order = get_length_grouped_indices([len(i["input_ids"]) for i in items], batch_size,
                                            generator=torch.Generator().manual_seed(0))
         items = [items[i] for i in order]
-    if mode == "packing":
+    if mode.startswith("packing"):
         from qlaunch.data.packing import PackedDataset
 
         packed = PackedDataset(items, max_length)
+        if mode == "packing_equal_samples":  # as many samples per step as the unpacked modes' batch
+            batch_size = max(1, round(batch_size * len(packed) / len(items)))
         items = [packed[i] for i in range(len(packed))]
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     return [(collate(c), sum(len(it["input_ids"]) for it in c)) for c in chunks]
@@ -116,6 +120,7 @@ def worker(model_name: str, mode: str, args) -> dict:
         trained += int((batch["labels"][:, 1:] != -100).sum())
     seconds = time.perf_counter() - start
     return {"model": model_name, "mode": mode, "steps": steps, "seconds_per_step": seconds / steps,
+            "rows_per_step": batches[0][0]["input_ids"].shape[0],
             "total_tokens": total, "real_tokens": real, "trained_tokens": trained,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -151,14 +156,14 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ,
                                                                                            OMP_NUM_THREADS="1"))
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"{'model':12} {'mode':16} {'real tok/s':>11} {'trained tok/s':>14} {'padding':>8} {'s/step':>7} "
-          f"{'peak RSS':>9}")
+    print(f"{'model':12} {'mode':22} {'rows':>4} {'real tok/s':>11} {'trained tok/s':>14} {'padding':>8} "
+          f"{'s/step':>7} {'peak RSS':>9}")
     for r in rows:
         seconds = r["seconds_per_step"] * r["steps"]
         r["real_tokens_per_second"] = r["real_tokens"] / seconds
         r["trained_tokens_per_second"] = r["trained_tokens"] / seconds
         r["padding_fraction"] = 1 - r["real_tokens"] / r["total_tokens"]
-        print(f"{r['model']:12} {r['mode']:16} {r['real_tokens_per_second']:>11.0f} "
+        print(f"{r['model']:12} {r['mode']:22} {r['rows_per_step']:>4} {r['real_tokens_per_second']:>11.0f} "
               f"{r['trained_tokens_per_second']:>14.0f} {100 * r['padding_fraction']:>7.1f}% "
               f"{r['seconds_per_step']:>7.3f} {r['peak_rss_mib']:>7.0f}MiB")
     summary = {}
@@ -167,7 +172,8 @@ def main() -> None:
         summary[model] = {f"{m}_vs_dynamic_real_tokens_per_second":
                           by[m]["real_tokens_per_second"] / by["dynamic"]["real_tokens_per_second"] for m in MODES}
         print(f"{model}: packing {summary[model]['packing_vs_dynamic_real_tokens_per_second']:.2f}x the real "
-              f"tokens/s of dynamic padding; pad_to_max "
+              f"tokens/s of dynamic padding (at equal samples per step "
+              f"{summary[model]['packing_equal_samples_vs_dynamic_real_tokens_per_second']:.2f}x); pad_to_max "
               f"{summary[model]['pad_to_max_vs_dynamic_real_tokens_per_second']:.2f}x")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:

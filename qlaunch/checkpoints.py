@@ -10,10 +10,12 @@ complete checkpoints; a leftover staging directory is reported and removed.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
+import tempfile
 
 log = logging.getLogger("qlaunch")
 
@@ -121,15 +123,38 @@ def save_final(trainer, output_dir: str) -> None:
     trainer.save_model(staged)  # collective under ZeRO-3 (the adapter is gathered)
     barrier(trainer.args)
     if trainer.is_world_process_zero():
-        fsync_tree(staged)
-        names = sorted(os.listdir(staged), key=lambda n: n == "adapter_config.json")
-        for name in names:
-            target = os.path.join(output_dir, name)
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(staged, name), target)
-        os.rmdir(staged)
+        move_into(staged, output_dir, last="adapter_config.json")
     barrier(trainer.args)
+
+
+def move_into(staged: str, output_dir: str, last: str) -> None:
+    """Move a complete staged directory's entries into output_dir, `last` last (the file whose presence
+    says the result is complete: a previous one is removed first, so a move cut short leaves an
+    incomplete directory, never old metadata beside new weights), then remove the staging."""
+    fsync_tree(staged)
+    if os.path.exists(os.path.join(output_dir, last)):
+        os.remove(os.path.join(output_dir, last))
+    for name in sorted(os.listdir(staged), key=lambda n: n == last):
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staged, name), target)
+    os.rmdir(staged)
+
+
+@contextlib.contextmanager
+def staged_output(output_dir: str, last: str = "config.json"):
+    """A staging directory inside output_dir to write a model into; moved into place (move_into)
+    when the block ends normally, removed when it raises: an interrupted merge or quantization
+    leaves no directory that loads as a model."""
+    os.makedirs(output_dir, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=".qlaunch-staging-", dir=output_dir)
+    try:
+        yield staged
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    move_into(staged, output_dir, last)
 
 
 def is_complete(path: str) -> bool:

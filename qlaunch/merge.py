@@ -134,6 +134,7 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32
     from transformers import AutoModelForCausalLM
 
     from qlaunch.adapters import adapter_base, load_for_inference, read_run_info, remote_code_problem
+    from qlaunch.checkpoints import staged_output
     from qlaunch.model import load_tokenizer
 
     given_base = base
@@ -159,13 +160,13 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32
     plain = plain_copy(base_model, torch.float32) if quant else base_model.float()
     merged = PeftModel.from_pretrained(plain, adapter).merge_and_unload()
     merged = merged.to(getattr(torch, dtype))
-    os.makedirs(out, exist_ok=True)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     into = f"dequantized {quant}" if quant else "base weights"
     info = {"adapter": os.path.abspath(adapter), "base": base, "merged_into": into, "dtype": dtype}
-    with open(os.path.join(out, "merge_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    with staged_output(out) as staged:  # config.json lands last: a cut-short merge is not a model
+        merged.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        with open(os.path.join(staged, "merge_info.json"), "w") as f:
+            json.dump(info, f, indent=2)
     del merged, plain, base_model
     info["report"] = merge_report(adapter, out, trained_quant, dtype, into, probe_data, trust_remote_code,
                                   probe_samples)

@@ -228,31 +228,35 @@ def main(argv=None) -> None:
         print(e.render(PROG), file=sys.stderr)
         sys.exit(2)
     print(f"{PROG}: calibration from {args.data}: {stats.summary(args.model_max_length)}", file=sys.stderr)
+    from qlaunch.checkpoints import staged_output
+
     os.makedirs(args.out, exist_ok=True)
-    # --report_only: the report reads GPTQ back from a saved checkpoint too, a temporary one.
-    save_dir = tempfile.mkdtemp(prefix="qlaunch-gptq-") if args.report_only else args.out
-    try:
-        start = time.monotonic()
-        gptq_log = gptq_quantize(args, save_dir, calibration, tokenizer)
-        seconds = time.monotonic() - start
-        if not args.report_only:
-            write_info(args, stats, len(calibration), seconds, gptq_log)
-            print(f"{PROG}: GPTQ {args.bits}-bit (group {args.group_size}, desc_act {args.desc_act}) → {args.out} "
-                  f"in {seconds:.1f} s")
-        if args.report or args.report_only:
+    if args.report_only:  # the report reads GPTQ back from a saved checkpoint too, a temporary one
+        save_dir = tempfile.mkdtemp(prefix="qlaunch-gptq-")
+        try:
+            gptq_quantize(args, save_dir, calibration, tokenizer)
             report(args, save_dir, calibration)
-    finally:
-        if args.report_only:
+        finally:
             shutil.rmtree(save_dir, ignore_errors=True)
+        return
+    start = time.monotonic()
+    with staged_output(args.out) as staged:  # config.json lands last: a cut-short run is not a model
+        gptq_log = gptq_quantize(args, staged, calibration, tokenizer)
+        seconds = time.monotonic() - start
+        write_info(args, stats, len(calibration), seconds, gptq_log, staged)
+    print(f"{PROG}: GPTQ {args.bits}-bit (group {args.group_size}, desc_act {args.desc_act}) → {args.out} "
+          f"in {seconds:.1f} s")
+    if args.report:
+        report(args, args.out, calibration)
 
 
-def write_info(args, stats, samples: int, seconds: float, gptq_log: list[dict]) -> None:
+def write_info(args, stats, samples: int, seconds: float, gptq_log: list[dict], directory: str) -> None:
     """What was quantized from what, beside the checkpoint (the config's meta only names the quantizer)."""
     info = {"source": os.path.abspath(args.model), "calibration": os.path.abspath(args.data),
             "calibration_samples": samples, "calibration_tokens": stats.tokens,
             "bits": args.bits, "group_size": args.group_size, "desc_act": args.desc_act,
             "seconds": round(seconds, 1), "gptq_log": gptq_log}
-    with open(os.path.join(args.out, INFO), "w") as f:
+    with open(os.path.join(directory, INFO), "w") as f:
         json.dump(info, f, indent=2)
 
 

@@ -124,3 +124,39 @@ def test_killed_after_the_last_checkpoint_resumes_without_an_extra_step(demo, tm
     again = load_file(str(out / "adapter_model.safetensors"))
     assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)
     assert first.trainer.state.global_step == 6
+
+
+def test_staged_output_moves_a_complete_result_and_leaves_nothing_of_a_failed_one(tmp_path, monkeypatch):
+    from qlaunch import checkpoints
+    from qlaunch.checkpoints import staged_output
+
+    out = tmp_path / "model"
+    with staged_output(str(out)) as staged:
+        for name, text in (("config.json", "new"), ("model.safetensors", "weights"), ("tokenizer.json", "t")):
+            (tmp_path / "model" / os.path.basename(staged) / name).write_text(text)
+        assert not (out / "config.json").exists()  # nothing in place while it is written
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+    with pytest.raises(RuntimeError):
+        with staged_output(str(tmp_path / "failed")) as staged:
+            (tmp_path / "failed" / os.path.basename(staged) / "model.safetensors").write_text("half")
+            raise RuntimeError("killed mid-save")
+    assert os.listdir(tmp_path / "failed") == []
+
+    # A move cut short over an earlier result: the old config.json is gone first, so the directory
+    # is incomplete (not old metadata beside new weights).
+    moved = []
+    real_replace = os.replace
+
+    def replace_then_fail(src, dst):
+        if moved:
+            raise OSError("disk full")
+        moved.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoints.os, "replace", replace_then_fail)
+    with pytest.raises(OSError):
+        with staged_output(str(out)) as staged:
+            for name in ("config.json", "model.safetensors", "tokenizer.json"):
+                (out / os.path.basename(staged) / name).write_text("newer")
+    assert "config.json" not in os.listdir(out)

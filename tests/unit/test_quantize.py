@@ -259,3 +259,18 @@ def test_report_only_writes_no_model(demo, tmp_path):
     assert sorted(os.listdir(out)) == ["quant_report.json", "quant_report.png"]
     assert os.listdir(tmp_path) == ["report"]  # nothing in the working directory (gptqmodel's ./logs)
     assert "output error" in r.stdout
+
+
+def test_a_failed_quantization_leaves_no_model_in_out(demo, tmp_path, monkeypatch):
+    """The GPTQ model is written into a staging directory and moved into --out when complete
+    (config.json last): a run that fails mid-save leaves no directory that loads as a model."""
+    def save_half_then_fail(args, save_dir, calibration, tokenizer):
+        with open(os.path.join(save_dir, "config.json"), "w") as f:
+            f.write("{}")
+        raise RuntimeError("killed while saving")
+
+    monkeypatch.setattr(quantize, "gptq_quantize", save_half_then_fail)
+    out = tmp_path / "int4"
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        quantize.main(["--model", demo["model"], "--data", demo["train"], "--out", str(out), "--num_samples", "4"])
+    assert os.listdir(out) == []

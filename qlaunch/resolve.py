@@ -197,12 +197,13 @@ def packing_problem(packing: bool, trust_remote_code: bool, config: dict) -> str
 
 
 def resolve_packing(ns: argparse.Namespace, path: str | None, settings: Settings) -> None:
+    from qlaunch.shape import read_config
+
     if not (ns.packing and ns.trust_remote_code and path and os.path.isfile(os.path.join(path, "config.json"))):
         return
     try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
+        config = read_config(path)  # as JSON: the remote code itself never runs here
+    except UsageError:
         return  # resolve_quantization reports an unreadable config
     problem = packing_problem(True, True, config)
     if problem:

@@ -5,10 +5,11 @@ tokenized-data cache's build maps over) is wrapped so that each call appends
 "RANK PID CONVERSATIONS" to that file. The tests read it to assert which processes tokenized.
 Installed lazily by an import hook on the module, so processes that never import it pay nothing.
 """
-import importlib.abc
-import importlib.machinery
 import os
 import sys
+
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # _hooks/
+from on_import import PatchOnImport  # noqa: E402
 
 _TARGET = "qlaunch.data.tokenize"
 
@@ -24,22 +25,5 @@ def _patch(module) -> None:
     module.tokenize_rows = tokenize_rows
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name != _TARGET:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return spec
-        original_exec = spec.loader.exec_module
-
-        def exec_module(module):
-            original_exec(module)
-            _patch(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
 if os.environ.get("QLAUNCH_TEST_TOKENIZE_LOG"):
-    sys.meta_path.insert(0, _Finder())
+    sys.meta_path.insert(0, PatchOnImport(_TARGET, _patch))

@@ -9,10 +9,11 @@ prove the processes really trained one model together.
 The wrap is installed lazily by an import hook on `transformers.trainer`, so processes that
 never import it (torchrun's agent, srun) pay nothing.
 """
-import importlib.abc
-import importlib.machinery
 import os
 import sys
+
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # _hooks/
+from on_import import PatchOnImport  # noqa: E402
 
 _TARGET = "transformers.trainer"
 
@@ -84,24 +85,6 @@ def _patch(module) -> None:
         trainer_cls._save_rng_state = _save_rng_state
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name != _TARGET:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return spec
-        loader = spec.loader
-        original_exec = loader.exec_module
-
-        def exec_module(module):
-            original_exec(module)
-            _patch(module)
-
-        loader.exec_module = exec_module
-        return spec
-
-
 if any(os.environ.get(k) for k in ("QLAUNCH_TEST_DUMP_DIR", "QLAUNCH_TEST_SLOW_SAVE", "QLAUNCH_TEST_STEP_SLEEP")):
-    sys.meta_path.insert(0, _Finder())
+    sys.meta_path.insert(0, PatchOnImport(_TARGET, _patch))
 

@@ -274,3 +274,43 @@ def test_a_failed_quantization_leaves_no_model_in_out(demo, tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="killed while saving"):
         quantize.main(["--model", demo["model"], "--data", demo["train"], "--out", str(out), "--num_samples", "4"])
     assert os.listdir(out) == []
+
+
+VARIANTS = {"8-bit, per column": (["--bits", "8", "--group_size", "-1"], 8, -1, False),
+            "2-bit": (["--bits", "2", "--group_size", str(GROUP)], 2, GROUP, False),
+            "act-order": (["--desc_act", "--group_size", str(GROUP)], 4, GROUP, True)}
+
+
+@needs_gptq
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_bits_group_size_and_act_order_reach_a_checkpoint_that_loads(variant, demo, tmp_path):
+    """--bits 2/8, --group_size -1 and --desc_act: the checkpoint says so, its packed tensors have
+    the shapes those settings give, and plain transformers + gptqmodel load it and generate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    flags, bits, group, desc_act = VARIANTS[variant]
+    out = tmp_path / "q"
+    r = run_quantize("--model", demo["model"], "--data", demo["train"], "--out", str(out), "--num_samples", "16",
+                     *flags, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out / "config.json") as f:
+        qc = json.load(f)["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["desc_act"]) == (bits, group, desc_act)
+    tensors = _tensors(str(out))
+    key = next(k for k in tensors if k.endswith("mlp.down_proj.qweight"))
+    prefix = key[: -len(".qweight")]
+    n_in = tensors[prefix + ".g_idx"].numel()
+    groups = 1 if group == -1 else n_in // group
+    assert tensors[key].shape[0] == n_in * bits // 32  # int32 words of packed codes per input row
+    assert tensors[prefix + ".scales"].shape[0] == groups
+    g_idx = tensors[prefix + ".g_idx"]
+    in_order = torch.equal(g_idx, torch.arange(n_in, dtype=torch.int32) // (n_in if group == -1 else group))
+    assert in_order != desc_act  # act-order permutes which group each input row belongs to
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu")
+    ids = tok(tok.apply_chat_template([{"role": "user", "content": "Opposite of up?"}], tokenize=False,
+                                      add_generation_prompt=True), return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        assert torch.isfinite(model(**ids).logits).all()
+    generated = model.generate(**ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == ids["input_ids"].shape[1] + 4

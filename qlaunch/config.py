@@ -41,7 +41,8 @@ class DataArguments:
     )
     eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
     lazy_preprocess: bool = field(
-        default=False, metadata={"help": "Tokenize each sample when first used instead of all up front."}
+        default=False, metadata={"help": "Tokenize each sample when used instead of all up front (never "
+                                  "cached; a .jsonl file is read from disk, so it may be larger than memory)."}
     )
     system_message: str = field(
         default="You are a helpful assistant.",

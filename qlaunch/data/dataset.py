@@ -2,8 +2,8 @@
 
 Eager data comes from the tokenized-data cache (data/cache.py: Arrow on disk, memory-mapped) when
 a cache directory is given, else it is tokenized in memory, in batches. Lazy data
-(--lazy_preprocess, for files larger than memory) is never cached: each sample is tokenized when
-training first reads it.
+(--lazy_preprocess) is never cached: each sample is tokenized when training reads it, and a .jsonl
+file is read from disk record by record, so files larger than memory train too.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import logging
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from qlaunch.data.formats import load_samples
+from qlaunch.data.formats import JsonlSamples, load_samples
 from qlaunch.data.tokenize import TokenizeStats, tokenize_batch, tokenize_messages
 from qlaunch.errors import UsageError
 
@@ -48,31 +48,40 @@ class TokenizedDataset(Dataset):
 
 
 class LazyDataset(Dataset):
-    """Tokenizes a sample the first time it is used (Qwen's --lazy_preprocess)."""
+    """Tokenizes a sample each time it is used (Qwen's --lazy_preprocess); keeps nothing tokenized.
 
-    def __init__(self, samples: list, tokenizer: PreTrainedTokenizerBase, max_length: int):
+    samples: a list, or formats.JsonlSamples (a .jsonl file read record by record from disk), so
+    memory does not grow with the data. Qwen's lazy dataset keeps every tokenized sample it has
+    served, which ends with the whole tokenized set in every process; here an epoch re-tokenizes
+    instead, and the statistics count each sample once (a byte of bookkeeping per sample)."""
+
+    def __init__(self, samples, tokenizer: PreTrainedTokenizerBase, max_length: int):
         self.samples = samples
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.cache: dict[int, dict] = {}
+        self.counted = bytearray(len(samples))
         self.stats = TokenizeStats()
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _tokenize(self, j: int) -> dict | None:
+        first = not self.counted[j]
+        self.counted[j] = 1
+        item = tokenize_messages(self.tokenizer, self.samples[j], self.max_length, "truncate",
+                                 self.stats if first else None)
+        if item is None and first:
+            log.warning("sample %d has no assistant tokens within %d tokens; training on another "
+                        "sample in its place (raise --model_max_length)", j, self.max_length)
+        return item
+
     def __getitem__(self, i: int) -> dict:
         # A sample that truncation leaves without assistant tokens would give an all-masked loss;
         # eager mode drops it, lazy mode stands in the next usable sample for it.
         for offset in range(len(self.samples)):
-            j = (i + offset) % len(self.samples)
-            if j not in self.cache:
-                self.cache[j] = tokenize_messages(self.tokenizer, self.samples[j], self.max_length, "truncate",
-                                                  self.stats)
-                if self.cache[j] is None:
-                    log.warning("sample %d has no assistant tokens within %d tokens; training on another "
-                                "sample in its place (raise --model_max_length)", j, self.max_length)
-            if self.cache[j] is not None:
-                return self.cache[j]
+            item = self._tokenize((i + offset) % len(self.samples))
+            if item is not None:
+                return item
         raise UsageError(f"no sample keeps an assistant token within --model_max_length {self.max_length}.")
 
 
@@ -91,8 +100,10 @@ def build_dataset(
     """The dataset of one data file. cache_dir: the tokenized-data cache's directory (None: tokenize
     in memory); num_proc: worker processes for a cache build (None: by size and CPUs)."""
     if lazy:
-        samples = load_samples(path, system_message)
-        log.info("%s: %d samples, tokenized lazily as training reads them (not cached)", path, len(samples))
+        # .jsonl: read from disk record by record (files larger than memory); .json is one JSON value
+        samples = JsonlSamples(path, system_message) if path.endswith(".jsonl") else load_samples(path, system_message)
+        log.info("%s: %d samples, tokenized lazily as training reads them (not cached%s)", path, len(samples),
+                 ", read from disk" if isinstance(samples, JsonlSamples) else "")
         return LazyDataset(samples, tokenizer, max_length)
     if cache_dir is not None:
         from qlaunch.data.cache import cached_tokenization

@@ -29,13 +29,26 @@ ROLE_NAMES = {
 MAX_REPORTED = 5  # problems listed per file before "and N more"
 
 
-def read_text(path: str) -> str:
-    """The file as UTF-8 text; unreadable or non-UTF-8 content is a UsageError naming the place."""
+def _utf8_error(path: str, byte: int, line: int, raw: bytes) -> UsageError:
+    return UsageError(f"{path}: not valid UTF-8 at byte {byte} (line {line}): {raw!r}. Save the file as UTF-8.")
+
+
+def _jsonl_line_error(path: str, lineno: int, e: json.JSONDecodeError) -> UsageError:
+    return UsageError(f"{path}:{lineno}:{e.colno}: not valid JSON ({e.msg}). "
+                      "Each line of a .jsonl file is one JSON record.")
+
+
+def _check_readable(path: str) -> None:
     from qlaunch.files import file_problem
 
     problem = file_problem(path)
     if problem:
         raise UsageError(f"data file: {problem} Pass a .json or .jsonl file.")
+
+
+def read_text(path: str) -> str:
+    """The file as UTF-8 text; unreadable or non-UTF-8 content is a UsageError naming the place."""
+    _check_readable(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -44,9 +57,7 @@ def read_text(path: str) -> str:
     try:
         return raw.decode("utf-8-sig")  # a UTF-8 BOM (some Windows editors write one) is fine
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UsageError(f"{path}: not valid UTF-8 at byte {e.start} (line {line}): {raw[e.start:e.start + 4]!r}. "
-                         "Save the file as UTF-8.") from None
+        raise _utf8_error(path, e.start, raw.count(b"\n", 0, e.start) + 1, raw[e.start:e.start + 4]) from None
 
 
 def read_records(path: str) -> list[Any]:
@@ -61,8 +72,7 @@ def read_records(path: str) -> list[Any]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{lineno}:{e.colno}: not valid JSON ({e.msg}). "
-                                 "Each line of a .jsonl file is one JSON record.") from None
+                raise _jsonl_line_error(path, lineno, e) from None
     else:
         try:
             records = json.loads(text)
@@ -137,13 +147,67 @@ def load_samples(path: str, default_system: str) -> list[list[Message]]:
             samples.append(to_messages(record, default_system))
         except ValueError as e:
             problems.append(f"record {index}{_record_id(record)} {e}")
+    _raise_malformed(path, problems)
+    return samples
+
+
+def _raise_malformed(path: str, problems: list[str]) -> None:
     if problems:
         shown = problems[:MAX_REPORTED]
         more = f" (and {len(problems) - MAX_REPORTED} more)" if len(problems) > MAX_REPORTED else ""
         raise UsageError(
             [f"{path}: {len(problems)} malformed record(s){more}; fix or remove them:"] + [f"{path}: {p}" for p in shown]
         )
-    return samples
+
+
+class JsonlSamples:
+    """A .jsonl file's samples, read from disk when asked for (--lazy_preprocess on files larger than
+    memory): one streaming pass checks every record as load_samples does (every problem reported
+    before training) and keeps only each record's byte offset, 8 bytes a record."""
+
+    def __init__(self, path: str, default_system: str):
+        from array import array
+
+        _check_readable(path)
+        self.path, self.default_system = path, default_system
+        self.offsets = array("q")
+        self._file = None  # (pid, handle): DataLoader workers fork, each reads with its own
+        problems, offset = [], 0
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                start, offset = offset, offset + len(raw)
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise _utf8_error(path, start + e.start, lineno, raw[e.start:e.start + 4]) from None
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise _jsonl_line_error(path, lineno, e) from None
+                try:
+                    to_messages(record, default_system)
+                except ValueError as e:
+                    problems.append(f"record {len(self.offsets)}{_record_id(record)} {e}")
+                self.offsets.append(start)
+        _raise_malformed(path, problems)
+        if not self.offsets:
+            raise UsageError(f"{path}: no records. The file must hold at least one training sample.")
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> list[Message]:
+        if self._file is None or self._file[0] != os.getpid():
+            self._file = (os.getpid(), open(self.path, "rb"))  # noqa: SIM115 - kept open for later reads
+        handle = self._file[1]
+        handle.seek(self.offsets[i])
+        return to_messages(json.loads(handle.readline().decode("utf-8-sig" if self.offsets[i] == 0 else "utf-8")),
+                           self.default_system)
+
+    def __getstate__(self):  # picklable (spawned workers): the handle is reopened where it is used
+        return {**self.__dict__, "_file": None}
 
 
 def _record_id(record: Any) -> str:

@@ -143,9 +143,39 @@ def test_lazy_dataset_tokenizes_on_access_and_skips_label_less_samples(tokenizer
     path = tmp_path / "d.json"
     path.write_text(json.dumps([long_prompt, short]))
     data = build_dataset(str(path), tokenizer, max_length=40, system_message=SYS, lazy=True, show_progress=False)
-    assert isinstance(data, LazyDataset) and data.cache == {}
+    assert isinstance(data, LazyDataset) and data.stats.samples == 0  # nothing tokenized yet
     assert data[1]["labels"].count(IGNORE_INDEX) < len(data[1]["labels"])
     assert data[0] == data[1]  # the label-less long sample is replaced by the next usable one
+    data[0], data[1]
+    assert data.stats.samples == 2 and data.stats.dropped == 1  # each sample counted once
+
+
+def test_lazy_jsonl_is_read_from_disk_and_equals_eager(tokenizer, tmp_path):
+    """--lazy_preprocess on a .jsonl keeps only byte offsets (files larger than memory), reads each
+    record when asked, also from forked DataLoader workers, and gives exactly the eager samples."""
+    import json
+    import pickle
+
+    import torch
+
+    from qlaunch.data.dataset import LazyDataset, build_dataset
+    from qlaunch.data.formats import JsonlSamples
+
+    records = [{"id": str(i), "conversations": [{"from": "user", "value": f"Opposite of {w}? " * 20},
+                                                 {"from": "assistant", "value": f"not {w}"}]}
+               for i, w in enumerate(["up", "hot", "big", "fast", "light", "open"] * 50)]
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps(r) for r in records]
+    path.write_bytes(("\ufeff" + "\r\n".join(lines[:3]) + "\r\n\n" + "\n".join(lines[3:]) + "\n").encode())
+    lazy = build_dataset(str(path), tokenizer, max_length=256, system_message=SYS, lazy=True, show_progress=False)
+    eager = build_dataset(str(path), tokenizer, max_length=256, system_message=SYS, show_progress=False)
+    assert isinstance(lazy, LazyDataset) and isinstance(lazy.samples, JsonlSamples)
+    assert len(lazy) == len(eager) == len(records)
+    assert len(pickle.dumps(lazy.samples)) < path.stat().st_size / 10  # offsets only, no parsed records
+    assert [lazy[i] for i in range(len(lazy))] == [eager[i] for i in range(len(eager))]
+    loader = torch.utils.data.DataLoader(lazy, batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork")
+    assert list(loader) == [eager[i] for i in range(len(eager))]
 
 
 def test_collator_pads_right_to_longest_or_multiple(tokenizer):

@@ -11,17 +11,19 @@ import torch
 from transformers import Trainer
 
 from qlaunch.checkpoints import AtomicCheckpointMixin, newest_complete_checkpoint
-from qlaunch.data.collate import PaddingCollator
+from qlaunch.data.collate import PaddingCollator, flattens_packed_rows
 from qlaunch.loss import LabelledLogitsMixin, labelled_logits_unsupported
 from qlaunch.metrics import TrainedTokenCountMixin
 
 log = logging.getLogger("qlaunch")
 
 
-def make_collator(tokenizer, on_gpu: bool) -> PaddingCollator:
-    """Dynamic padding to the longest sample of each batch; padded labels are -100."""
+def make_collator(tokenizer, on_gpu: bool, attn_implementation: str | None = None) -> PaddingCollator:
+    """Dynamic padding to the longest sample of each batch; padded labels are -100. Packed batches
+    become one row for flash-attention (collate.flattens_packed_rows)."""
     # Multiples of 8 keep tensor-core friendly shapes on GPUs.
-    return PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if on_gpu else None)
+    return PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if on_gpu else None,
+                           flatten_packed=flattens_packed_rows(attn_implementation))
 
 
 class QlaunchTrainer(AtomicCheckpointMixin, TrainedTokenCountMixin, LabelledLogitsMixin, Trainer):
@@ -36,7 +38,8 @@ def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, ca
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=make_collator(tokenizer, on_gpu=not args.use_cpu and torch.cuda.is_available()),
+        data_collator=make_collator(tokenizer, on_gpu=not args.use_cpu and torch.cuda.is_available(),
+                                    attn_implementation=getattr(model.config, "_attn_implementation", None)),
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )

@@ -2,7 +2,9 @@
 
 Written by hand rather than through `tokenizer.pad` so that it works for any tokenizer,
 including remote-code ones (Qwen-7B's tiktoken tokenizer) whose padding support is partial.
-Padding goes on the right; padded positions get attention 0 and label -100.
+Padding goes on the right; padded positions get attention 0 and label -100. Packed rows (position
+ids restarting per sample) carry no attention mask; for flash-attention they are concatenated into
+one row (flattens_packed_rows).
 """
 from __future__ import annotations
 
@@ -11,12 +13,29 @@ import torch
 from qlaunch.data.tokenize import IGNORE_INDEX
 
 
+def flattens_packed_rows(attn_implementation: str | None) -> bool:
+    """Whether packed rows must be concatenated into one row for this attention implementation.
+
+    transformers' flash-attention path (modeling_flash_attention_utils._is_packed_sequence) reads
+    sample boundaries from position ids only in a batch of one row; with several rows it runs plain
+    causal flash attention over each whole row, so packed samples would attend to each other.
+    sdpa and eager build per-sample masks from the position ids of every row (masking_utils)."""
+    if not attn_implementation:
+        return False
+    from transformers.utils.generic import is_flash_attention_requested
+
+    return bool(is_flash_attention_requested(requested_attention_implementation=attn_implementation))
+
+
 class PaddingCollator:
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, flatten_packed: bool = False):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.flatten_packed = flatten_packed
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        if self.flatten_packed and "position_ids" in items[0]:
+            items = [{key: [v for item in items for v in item[key]] for key in ("input_ids", "labels", "position_ids")}]
         length = max(len(item["input_ids"]) for item in items)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of

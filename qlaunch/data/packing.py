@@ -4,8 +4,9 @@ Rows are filled first-fit-decreasing (longest samples first, each into the first
 which leaves little padding and is deterministic. Each sample keeps its own positions: position_ids
 restart at 0 at every sample and no 2D attention mask is passed, so transformers 5 derives a
 block-diagonal causal mask from the restarts (masking_utils.find_packed_sequence_indices, used only
-when attention_mask is None; sdpa and eager) and flash-attention uses them as varlen boundaries —
-no token attends across samples. The first label of every sample is -100, so no position predicts
+when attention_mask is None; sdpa and eager) and flash-attention uses them as varlen boundaries in a
+batch of one row (the collator concatenates the rows for it: collate.flattens_packed_rows) — no
+token attends across samples. The first label of every sample is -100, so no position predicts
 the next sample's first token: each sample's loss terms are exactly those it has alone.
 """
 from __future__ import annotations

@@ -94,3 +94,42 @@ def test_packing_refuses_lazy_and_group_by_length(demo):
     ns = parse_namespace(base + ["--group_by_length"])
     assert ns.train_sampling_strategy == "group_by_length"
     assert any("--packing and --group_by_length" in p for p in check_arguments(ns))
+
+
+@pytest.mark.parametrize("impl, flatten", [("flash_attention_2", True), ("flash_attention_3", True),
+                                           ("kernels-community/flash-attn2", True), ("sdpa", False),
+                                           ("eager", False), (None, False)])
+def test_flash_attention_gets_packed_rows_as_one_row(impl, flatten):
+    from qlaunch.data.collate import flattens_packed_rows
+
+    assert flattens_packed_rows(impl) is flatten
+
+
+def test_flattened_rows_are_what_flash_attention_isolates_and_change_nothing_for_sdpa(tokenizer, demo):
+    """transformers' flash-attention path finds sample boundaries in position ids only for a batch of
+    one row (its own _is_packed_sequence, read here): several packed rows would be attended whole.
+    The flattened batch (pad_to_multiple_of as on GPUs) gives every token the same loss under sdpa."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    samples = build_dataset(demo["train"], tokenizer, max_length=128, system_message=SYS, show_progress=False)
+    packed = PackedDataset([samples[i] for i in range(12)], max_length=128)
+    rows = [packed[i] for i in range(3)]
+    by_row = PaddingCollator(tokenizer.pad_token_id)(rows)
+    flat = PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8, flatten_packed=True)(rows)
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    assert flat["input_ids"].shape == (1, -(-tokens // 8) * 8)
+    assert not _is_packed_sequence(by_row["position_ids"], batch_size=3)  # the hazard: rows taken whole
+    assert _is_packed_sequence(flat["position_ids"], batch_size=1)
+    restarts = int((flat["position_ids"][0] == 0).sum())
+    assert restarts == sum(len(packed.rows[i]) for i in range(3)) + (flat["input_ids"].shape[1] > tokens)
+    model = tiny_model("qwen2", len(tokenizer), "sdpa")
+    with torch.no_grad():
+        row_logits = model(input_ids=by_row["input_ids"], position_ids=by_row["position_ids"]).logits
+        flat_logits = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"]).logits[0]
+    offset = 0
+    for r, row in enumerate(rows):
+        n = len(row["input_ids"])
+        torch.testing.assert_close(flat_logits[offset:offset + n], row_logits[r, :n], rtol=1e-5, atol=1e-5)
+        assert flat["labels"][0, offset:offset + n].tolist() == row["labels"]
+        offset += n
+    assert (flat["labels"][0, offset:] == IGNORE_INDEX).all()

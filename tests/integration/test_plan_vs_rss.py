@@ -8,10 +8,10 @@ random Llama with LoRA r64 at several lengths, with and without activation check
 bench/plan_vs_rss.py also runs NF4 Q-LoRA and the demo model; neither is asserted here. NF4 at
 1024 tokens measures 0.82x: the fp32 checkpoint stays mapped — transformers memory-maps the
 safetensors file, and the mapping outlives the quantization (most likely held by the tensors it
-does not quantize — embeddings, norms — zero-copy views into it; not traced further), so every page read at load stays in RSS as clean, reclaimable file-backed memory
-(RssFile 482 MiB of 1201 at the peak; the LoRA run's fp32 weights are those same pages, which is
-why it matches). Too thin a margin for the next point. The demo's plan is 99% the
-CPU process baseline (0.6 GiB), and the identical demo run measured 0.53-0.90 GiB on this machine
+does not quantize — embeddings, norms — zero-copy views into it; not traced further), so every
+page read at load stays in RSS as clean, reclaimable file-backed memory (RssFile 482 MiB of 1201
+at the peak; the LoRA run's fp32 weights are those same pages, which is why it matches). Too thin
+a margin for the next point. The demo's plan is 99% the CPU process baseline (0.6 GiB), and the identical demo run measured 0.53-0.90 GiB on this machine
 (in and out of the full suite), which moves with how much of the shared libraries a process has
 mapped (file-backed pages count in RSS): an environment fact, not a term of the model.
 """

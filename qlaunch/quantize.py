@@ -230,8 +230,8 @@ def main(argv=None) -> None:
     print(f"{PROG}: calibration from {args.data}: {stats.summary(args.model_max_length)}", file=sys.stderr)
     from qlaunch.checkpoints import staged_output
 
-    os.makedirs(args.out, exist_ok=True)
     if args.report_only:  # the report reads GPTQ back from a saved checkpoint too, a temporary one
+        os.makedirs(args.out, exist_ok=True)
         save_dir = tempfile.mkdtemp(prefix="qlaunch-gptq-")
         try:
             gptq_quantize(args, save_dir, calibration, tokenizer)

@@ -184,19 +184,11 @@ def resolve_fp16_trainables(ns: argparse.Namespace, settings: Settings) -> None:
         settings.notes.append("fp16 full fine-tuning: weights loaded in float32 (fp16 autocast computes; "
                               "GradScaler cannot update fp16 weights).")
 
-def packing_problem(packing: bool, trust_remote_code: bool, config: dict) -> str | None:
+
+def resolve_packing(ns: argparse.Namespace, path: str | None, settings: Settings) -> None:
     """Packing isolates samples through transformers' attention (position ids restart per sample).
     A checkpoint's own modelling code (auto_map, run with --trust_remote_code, e.g. Qwen-7B's
     modeling_qwen.py) does not go through it and would let packed samples attend to each other."""
-    remote = "AutoModelForCausalLM" in (config.get("auto_map") or {})
-    if not (packing and trust_remote_code and remote):
-        return None
-    return (f"--packing with a model that runs its own modelling code ({config['auto_map']['AutoModelForCausalLM']}, "
-            "--trust_remote_code): its attention does not isolate packed samples; remove --packing "
-            "(dynamic padding) or use --group_by_length.")
-
-
-def resolve_packing(ns: argparse.Namespace, path: str | None, settings: Settings) -> None:
     from qlaunch.shape import read_config
 
     if not (ns.packing and ns.trust_remote_code and path and os.path.isfile(os.path.join(path, "config.json"))):
@@ -205,9 +197,11 @@ def resolve_packing(ns: argparse.Namespace, path: str | None, settings: Settings
         config = read_config(path)  # as JSON: the remote code itself never runs here
     except UsageError:
         return  # resolve_quantization reports an unreadable config
-    problem = packing_problem(True, True, config)
-    if problem:
-        settings.problems.append(problem)
+    remote = (config.get("auto_map") or {}).get("AutoModelForCausalLM")
+    if remote:
+        settings.problems.append(f"--packing with a model that runs its own modelling code ({remote}, "
+                                 "--trust_remote_code): its attention does not isolate packed samples; remove "
+                                 "--packing (dynamic padding) or use --group_by_length.")
 
 
 def resolve(ns: argparse.Namespace, machine: Machine, env=os.environ) -> Settings:

@@ -179,7 +179,7 @@ class JsonlSamples:
                 if not raw.strip():
                     continue
                 try:
-                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                    text = raw.decode("utf-8-sig" if start == 0 else "utf-8")  # a BOM only at the file's start
                 except UnicodeDecodeError as e:
                     raise _utf8_error(path, start + e.start, lineno, raw[e.start:e.start + 4]) from None
                 try:

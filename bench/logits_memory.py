@@ -6,7 +6,7 @@ A Llama-shaped model with a large vocabulary (Llama-3's 128,256 by default) and 
 the logits dominate as they do at long sequence lengths on real models: one forward + backward of
 a LoRA model per mode, each mode in its own process so the peak RSS is its own. `full` is
 transformers' ordinary path (lm_head and the fp32 loss over every position); `labelled` is
-qlaunch's default (--labelled_logits_only: logits_to_keep mask + shift_labels, qlaunch/loss.py).
+qlaunch's default (--labelled_logits_only: logits_to_keep mask + shift_labels, qlaunch/train/loss.py).
 The first (1 - trained) of every row is a prompt (label -100), like assistant-only chat labels.
 Prints a table and writes JSON; the ratio within one run is what to read.
 """
@@ -32,7 +32,7 @@ def worker(mode: str, args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlaunch.loss import labelled_positions
+    from qlaunch.train.loss import labelled_positions
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from qlaunch.footprint import linear4bit_storage  # noqa: E402
+from qlaunch.model.footprint import linear4bit_storage
 
 SHAPES = [(64, 64), (256, 256), (1024, 1024), (4096, 4096), (4096, 11008)]
 

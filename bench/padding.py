@@ -20,8 +20,8 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qlaunch.data.dataset import build_dataset  # noqa: E402
 from qlaunch.demo import build_demo  # noqa: E402
-from qlaunch.model import load_tokenizer  # noqa: E402
-from qlaunch.train import make_collator  # noqa: E402
+from qlaunch.model.load import load_tokenizer
+from qlaunch.train.trainer import make_collator
 
 
 def measure(model, batches, steps: int) -> float:

@@ -105,10 +105,10 @@ def worker(model_name: str, mode: str, args) -> dict:
     steps = min(args.steps, len(batches))
     real = trained = total = 0
     start = time.perf_counter()
-    from qlaunch.loss import labelled_positions
+    from qlaunch.train.loss import labelled_positions
 
     for batch, real_tokens in batches[:steps]:
-        if mode != "pad_to_max" and args.labelled_logits_only:  # what qlaunch's Trainer passes (qlaunch/loss.py)
+        if mode != "pad_to_max" and args.labelled_logits_only:  # what qlaunch's Trainer passes (qlaunch/train/loss.py)
             mask, targets = labelled_positions(batch["labels"])
             batch = {**batch, "logits_to_keep": mask, "shift_labels": targets}
         loss = model(**batch).loss

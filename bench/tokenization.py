@@ -84,7 +84,7 @@ def per_sample_dataset(path: str, tokenizer, max_length: int):
 
 
 def load_tokenizer(args):
-    from qlaunch.model import load_tokenizer as load
+    from qlaunch.model.load import load_tokenizer as load
 
     if args.tokenizer:
         return load(args.tokenizer), args.tokenizer

@@ -11,31 +11,8 @@ import argparse
 import contextlib
 import sys
 
-import torch
-
-from qlaunch.errors import UsageError
-
-
-def reply(model, tokenizer, messages, *, max_new_tokens: int = 256, temperature: float = 0.0,
-          stream: bool = False) -> str:
-    """The model's reply to a conversation (greedy when temperature is 0), optionally streamed to stdout."""
-    from transformers import TextStreamer
-
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    device = next(model.parameters()).device
-    inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            streamer=streamer,
-            **sampling,
-        )
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+from qlaunch.config.errors import UsageError
+from qlaunch.model.inference import reply
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -56,7 +33,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = make_parser().parse_args(argv)
     try:
-        from qlaunch.adapters import load_for_inference
+        from qlaunch.model.inference import load_for_inference
 
         # gptqmodel (GPTQ bases) logs its banner and kernel choice on stdout; stdout is for the reply.
         with contextlib.redirect_stdout(sys.stderr):

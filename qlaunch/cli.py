@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from qlaunch.errors import UsageError
+from qlaunch.config.errors import UsageError
 
 log = logging.getLogger("qlaunch")
 
@@ -24,7 +24,7 @@ def setup_logging() -> None:
 
 def use_single_process_env() -> None:
     """DeepSpeed without a launcher: give this process the rank variables a launcher would."""
-    from qlaunch.launch import free_port, single_process_env
+    from qlaunch.cluster.rendezvous import free_port, single_process_env
 
     added = single_process_env(os.environ, free_port())
     if added:
@@ -37,10 +37,10 @@ def prepare(argv=None, machine=None, *, process_env: bool = False):
 
     process_env: this process is the run (finetune.py's main, not a test or a tool calling in):
     set the rank variables single-process DeepSpeed needs."""
-    from qlaunch.config import build_config, parse_namespace
-    from qlaunch.machine import Machine
-    from qlaunch.resolve import resolve
-    from qlaunch.validate import check_arguments
+    from qlaunch.config.arguments import build_config, parse_namespace
+    from qlaunch.config.machine import Machine
+    from qlaunch.config.resolve import resolve
+    from qlaunch.config.validate import check_arguments
 
     namespace = parse_namespace(argv)
     settings = resolve(namespace, Machine.detect() if machine is None else machine)
@@ -59,7 +59,7 @@ def is_zero3(training_args) -> bool:
 
 def load_datasets(config, tokenizer):
     """Tokenize training (and evaluation) data once: the main process builds the cache, the others map it."""
-    from qlaunch.data.cache import resolve_cache_dir
+    from qlaunch.config.files import resolve_cache_dir
     from qlaunch.data.dataset import build_dataset, build_on_main_first
 
     dargs, targs = config.data, config.training
@@ -88,7 +88,7 @@ def load_datasets(config, tokenizer):
 def report_dry_run(config, train_dataset=None) -> None:
     import yaml
 
-    from qlaunch.plan import plan_text
+    from qlaunch.memory.fit import plan_text
 
     effective = {"quant_method": config.quant_method, "compute_dtype": str(config.compute_dtype)}
     effective.update(config.non_default())
@@ -101,7 +101,8 @@ def load_model(config):
     """The base (full precision / NF4 / GPTQ) with LoRA attached; returns (model, LoRA targets)."""
     from transformers import set_seed
 
-    from qlaunch import model as modeling
+    from qlaunch.model.load import load_base_model
+    from qlaunch.model.lora import attach_lora, upcast_trainable_fp16
 
     margs, largs, targs = config.model, config.lora, config.training
     # Seed before the model exists: LoRA's A matrices are drawn at attach time, before the Trainer seeds.
@@ -113,18 +114,18 @@ def load_model(config):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo" if targs.use_cpu else None)
-    model = modeling.load_base_model(
+    model = load_base_model(
         margs, largs, config.quant_method, config.compute_dtype, use_cpu=targs.use_cpu, zero3=zero3,
         load_dtype=config.settings.load_dtype if config.settings else None,
     )
     targets = None
     if largs.use_lora:
-        model = modeling.attach_lora(
+        model = attach_lora(
             model, largs, quant_method=config.quant_method, gradient_checkpointing=targs.activation_checkpointing
         )
         targets = sorted(next(iter(model.peft_config.values())).target_modules)
         if config.settings and config.settings.fp32_trainables:
-            upcast = modeling.upcast_trainable_fp16(model)
+            upcast = upcast_trainable_fp16(model)
             if upcast:
                 log.info("fp16 mixed precision: %d trainable fp16 tensors (modules_to_save, biases) kept in "
                          "float32 so the GradScaler can update them.", upcast)
@@ -135,16 +136,16 @@ def load_model(config):
 
 def describe_run(config, trainer, model, targets) -> dict:
     """run_info.json's content, with the facts also logged."""
-    from qlaunch import model as modeling
-    from qlaunch.train import run_info
+    from qlaunch.model.lora import count_parameters
+    from qlaunch.train.trainer import run_info
 
-    trainable, total = modeling.count_parameters(model)
+    trainable, total = count_parameters(model)
     note = " (packed GPTQ weights are buffers, not counted)" if config.quant_method == "gptq" else ""
     log.info("Trainable parameters: %s of %s (%.3f%%)%s", f"{trainable:,}", f"{total:,}",
              100 * trainable / max(total, 1), note)
     info = run_info(config, trainer, trainable, total, targets)
     if config.quant_method in ("nf4", "fp4"):
-        from qlaunch.footprint import quantized_storage
+        from qlaunch.model.footprint import quantized_storage
 
         info["quantized_storage"] = storage = quantized_storage(model)
         log.info("%s base: %d 4-bit layers, %.3f stored bits/param (weights + quantization state; "
@@ -156,11 +157,11 @@ def describe_run(config, trainer, model, targets) -> dict:
 
 def verify_final_save(config, trainer) -> str | None:
     """Read the saved adapter back (main process); every rank learns the verdict. None if fine."""
-    from qlaunch.callbacks import any_rank
+    from qlaunch.train.callbacks import any_rank
 
     problems = []
     if config.lora.use_lora:
-        from qlaunch.verify import full_trainable_parameters, verify_saved_adapter
+        from qlaunch.train.verify import full_trainable_parameters, verify_saved_adapter
 
         zero3 = is_zero3(config.training)
         with full_trainable_parameters(trainer.model, zero3):
@@ -179,10 +180,10 @@ def report_name(config) -> str:
 
 def save_results(config, trainer, result, info, train_dataset, eval_dataset, clock) -> str | None:
     """Save, verify and report; returns the verification failure, if any."""
-    from qlaunch.checkpoints import save_final
-    from qlaunch.metrics import run_metrics
-    from qlaunch.report import write_report
-    from qlaunch.train import save_json
+    from qlaunch.train.checkpoints import save_final
+    from qlaunch.train.metrics import run_metrics
+    from qlaunch.train.report import write_report
+    from qlaunch.train.trainer import save_json
 
     targs = config.training
     save_final(trainer, targs.output_dir)  # adapter only for LoRA (gathered under ZeRO-3), + tokenizer
@@ -219,10 +220,10 @@ class Outcome:
 
 def fit(config, extra_callbacks=()) -> Outcome:
     """Load, train, save and report."""
-    from qlaunch.callbacks import NonFiniteLossGuard, PreemptionCallback
-    from qlaunch.metrics import RunClock
-    from qlaunch.model import load_tokenizer
-    from qlaunch.train import build_trainer, requeue_if_slurm, resolve_resume, resume_request, train_or_finish
+    from qlaunch.model.load import load_tokenizer
+    from qlaunch.train.callbacks import NonFiniteLossGuard, PreemptionCallback
+    from qlaunch.train.metrics import RunClock
+    from qlaunch.train.trainer import build_trainer, requeue_if_slurm, resolve_resume, resume_request, train_or_finish
 
     targs = config.training
     for note in config.notes:
@@ -252,8 +253,8 @@ def fit(config, extra_callbacks=()) -> Outcome:
                    f"checkpoint saved in {targs.output_dir}.")
         log.warning(message)
         if trainer.is_world_process_zero():  # the report so far, beside the checkpoint
-            from qlaunch.metrics import run_metrics
-            from qlaunch.report import write_report
+            from qlaunch.train.metrics import run_metrics
+            from qlaunch.train.report import write_report
 
             write_report(targs.output_dir, {"preempted_at_step": preemption.stopped_at_step},
                          trainer.state.log_history, report_name(config), run_metrics(config, trainer, clock))
@@ -276,7 +277,7 @@ def main(argv=None, extra_callbacks=()) -> None:
     2 bad input, 3 out of GPU memory."""
     import torch
 
-    from qlaunch import oom
+    from qlaunch.memory import fit
 
     setup_logging()
     config = None
@@ -289,8 +290,8 @@ def main(argv=None, extra_callbacks=()) -> None:
         sys.exit(2)
     except torch.OutOfMemoryError as e:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(oom.oom_report(config, e, oom.device_memory()), file=sys.stderr)
-        sys.exit(oom.EXIT_CODE)
+            print(fit.oom_report(config, e, fit.device_memory()), file=sys.stderr)
+        sys.exit(fit.EXIT_CODE)
     sys.exit(code)
 
 

@@ -14,10 +14,11 @@ import sys
 
 import torch
 
-from qlaunch.chat import reply
+from qlaunch.config.errors import UsageError
 from qlaunch.data.formats import load_samples
-from qlaunch.data.tokenize import IGNORE_INDEX, tokenize_messages
-from qlaunch.errors import UsageError
+from qlaunch.data.labels import IGNORE_INDEX
+from qlaunch.data.tokenize import tokenize_messages
+from qlaunch.model.inference import reply
 
 
 @torch.no_grad()
@@ -94,7 +95,7 @@ def main(argv=None) -> None:
     if not args.data:
         parser.error("--data is required")
     try:
-        from qlaunch.adapters import load_for_inference
+        from qlaunch.model.inference import load_for_inference
 
         samples = load_samples(args.data, args.system_message)
         model, tokenizer = load_for_inference(args.base, args.adapter, trust_remote_code=args.trust_remote_code)

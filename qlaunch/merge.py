@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from qlaunch.errors import UsageError
+from qlaunch.config.errors import UsageError
 
 
 def dequantized_weight(module) -> torch.Tensor | None:
@@ -40,7 +40,7 @@ def plain_copy(quantized_model, dtype: torch.dtype):
     """A full-precision model of the same architecture holding the dequantized weights."""
     from transformers import AutoModelForCausalLM
 
-    from qlaunch.model import unquantized_config
+    from qlaunch.model.load import unquantized_config
 
     plain = AutoModelForCausalLM.from_config(unquantized_config(quantized_model.config), dtype=torch.float32)
     modules = dict(quantized_model.named_modules())
@@ -78,8 +78,8 @@ MIN_TOP1_EXACT, MIN_TOP1_QUANTIZED = 0.999, 0.99
 
 def probe_conversations(adapter: str, probe_data: str | None, limit: int) -> tuple[list, str]:
     """Probe conversations: --probe_data, else the adapter's training data, else built-in ones."""
-    from qlaunch.adapters import read_run_info
     from qlaunch.data.formats import load_samples
+    from qlaunch.model.inference import read_run_info
 
     source = probe_data or read_run_info(adapter).get("data_path")
     if source and (probe_data or os.path.isfile(source)):
@@ -111,7 +111,7 @@ def merge_report(adapter: str, out: str, quant: str | None, dtype: str, into: st
     """Probe logits of the saved merged model vs the adapter model (the base as trained + adapter)."""
     from transformers import AutoModelForCausalLM
 
-    from qlaunch.adapters import load_for_inference
+    from qlaunch.model.inference import load_for_inference
 
     conversations, source = probe_conversations(adapter, probe_data, samples)
     reference_model, tokenizer = load_for_inference(adapter=adapter, device="cpu", trust_remote_code=trust_remote_code)
@@ -133,9 +133,9 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlaunch.adapters import adapter_base, load_for_inference, read_run_info, remote_code_problem
-    from qlaunch.checkpoints import staged_output
-    from qlaunch.model import load_tokenizer
+    from qlaunch.model.inference import adapter_base, load_for_inference, read_run_info, remote_code_problem
+    from qlaunch.model.load import load_tokenizer
+    from qlaunch.train.checkpoints import staged_output
 
     given_base = base
     base = base or adapter_base(adapter)
@@ -148,7 +148,7 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32
     # --base: merge into that full-precision checkpoint, as given (to compare the two routes).
     quant = None if given_base else trained_quant
     if quant == "gptq":  # the trainable kernel keeps the packed layout that dequantize_weight() reads
-        from qlaunch.gptq import gptq_training_config
+        from qlaunch.model.gptq import gptq_training_config
 
         base_model = AutoModelForCausalLM.from_pretrained(
             base, quantization_config=gptq_training_config(), device_map={"": "cpu"}, dtype=torch.float32,

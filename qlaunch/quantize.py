@@ -8,7 +8,7 @@ API. Calibration samples are conversations from a .json / .jsonl file in any for
 rendered with the tokenizer's chat template and tokenized exactly as training sees them. The output is
 the v1 `gptq` checkpoint format (`checkpoint_format: gptq`, int32 qweight/qzeros, fp16 scales) that
 `finetune.py --q_lora`, transformers (+ gptqmodel) and vLLM load. `--report` adds a per-layer error
-report (GPTQ vs NF4 vs FP4, qlaunch/quant_report.py); `--report_only` writes only the report.
+report (GPTQ vs NF4 vs FP4, qlaunch/model/quant_error.py); `--report_only` writes only the report.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from qlaunch.errors import UsageError
+from qlaunch.config.errors import UsageError
 
 PROG = "qlaunch.quantize"
 INFO = "quantize_info.json"
@@ -84,8 +84,8 @@ def input_widths(config: dict) -> set[int]:
 
 def check_args(args) -> list[str]:
     """Every problem with the arguments, before the tokenizer, data or model is loaded."""
-    from qlaunch.files import file_problem
-    from qlaunch.model import INSTALL_HINT
+    from qlaunch.config.checkpoint import INSTALL_HINT
+    from qlaunch.config.files import file_problem
 
     problems = []
     if importlib.util.find_spec("gptqmodel") is None:
@@ -204,7 +204,7 @@ def prepare(args):
     problems = check_args(args)
     if problems:
         raise UsageError(problems)
-    from qlaunch.model import load_tokenizer
+    from qlaunch.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     calibration, stats = calibration_data(tokenizer, args.data, args.num_samples, args.model_max_length,
@@ -213,7 +213,7 @@ def prepare(args):
 
 
 def report(args, quantized_dir: str, calibration) -> None:
-    from qlaunch.quant_report import build_report, print_table, write_report
+    from qlaunch.model.quant_error import build_report, print_table, write_report
 
     result = build_report(args.model, quantized_dir, calibration, args.bits, args.group_size, args.trust_remote_code)
     print_table(result)
@@ -228,7 +228,7 @@ def main(argv=None) -> None:
         print(e.render(PROG), file=sys.stderr)
         sys.exit(2)
     print(f"{PROG}: calibration from {args.data}: {stats.summary(args.model_max_length)}", file=sys.stderr)
-    from qlaunch.checkpoints import staged_output
+    from qlaunch.train.checkpoints import staged_output
 
     if args.report_only:  # the report reads GPTQ back from a saved checkpoint too, a temporary one
         os.makedirs(args.out, exist_ok=True)

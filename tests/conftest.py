@@ -26,6 +26,6 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer(demo):
-    from qlaunch.model import load_tokenizer
+    from qlaunch.model.load import load_tokenizer
 
     return load_tokenizer(demo["model"])

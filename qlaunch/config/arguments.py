@@ -17,7 +17,7 @@ from typing import Any
 import transformers
 import yaml
 
-from qlaunch.errors import UsageError
+from qlaunch.config.errors import UsageError
 
 
 @dataclass
@@ -218,7 +218,7 @@ def _dests(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def load_yaml_recipe(path: str) -> dict[str, Any]:
-    from qlaunch.files import config_file_problems
+    from qlaunch.config.files import config_file_problems
 
     if not os.path.isfile(path):
         raise UsageError(config_file_problems(path, None))

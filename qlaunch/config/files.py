@@ -1,8 +1,11 @@
-"""Checks of input files that need no heavy imports (shared by finetune.py and the launcher)."""
+"""Checks of input files and directories that need no heavy imports (shared by finetune.py and the
+launcher), and where the tokenized-data cache lives (--cache_dir)."""
 from __future__ import annotations
 
 import json
 import os
+
+CACHE_DISABLED = ("none", "off", "false", "no", "0")  # --cache_dir values that turn the cache off
 
 
 def file_problem(path: str) -> str | None:
@@ -34,3 +37,34 @@ def config_file_problems(config: str | None, deepspeed) -> list[str]:
         except json.JSONDecodeError as e:
             problems.append(f"--deepspeed {where}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).")
     return problems
+
+
+def default_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return os.path.join(constants.HF_HOME, "qlaunch", "tokenized")
+
+
+def resolve_cache_dir(value: str | None) -> str | None:
+    """--cache_dir → the directory to use, or None when caching is off (`--cache_dir none`)."""
+    if value is None or value == "" or value == "auto":
+        return default_cache_dir()
+    if value.strip().lower() in CACHE_DISABLED:
+        return None
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def cache_dir_problem(value: str | None) -> str | None:
+    """Why --cache_dir cannot be used (a file, or not creatable / writable), or None."""
+    path = resolve_cache_dir(value)
+    if path is None:
+        return None
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--cache_dir {value!r}: exists and is not a directory; pass a directory, or none to disable the cache."
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        return (f"--cache_dir {value!r}: {parent!r} is not a writable directory; pass another directory, "
+                "or none to disable the cache.")
+    return None

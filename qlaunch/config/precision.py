@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qlaunch.machine import Machine
+from qlaunch.config.machine import Machine
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 

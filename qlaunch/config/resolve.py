@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from qlaunch.errors import UsageError
-from qlaunch.machine import Machine
-from qlaunch.precision import Precision, resolve_precision
+from qlaunch.config.errors import UsageError
+from qlaunch.config.machine import Machine
+from qlaunch.config.precision import Precision, resolve_precision
 
 GPTQ_ZERO3 = (
     "--deepspeed with ZeRO-3 cannot shard a GPTQ Int4 base: its packed int32 weights are buffers that "
@@ -115,8 +115,8 @@ def model_path(ns: argparse.Namespace) -> str | None:
 
 
 def resolve_quantization(ns: argparse.Namespace, path: str | None, settings: Settings) -> None:
-    from qlaunch.model import checkpoint_quant_method, require_library, resolve_quant_method
-    from qlaunch.validate import CHOICES
+    from qlaunch.config.checkpoint import checkpoint_quant_method, require_library, resolve_quant_method
+    from qlaunch.config.choices import CHOICES
 
     use_lora = bool(ns.use_lora or ns.q_lora)
     if path and (ns.q_lora or os.path.isdir(path)):
@@ -132,7 +132,7 @@ def resolve_quantization(ns: argparse.Namespace, path: str | None, settings: Set
     if missing:
         settings.problems.append(missing)
     if settings.quant_method == "gptq" and ns.lora_modules_to_save and use_lora:
-        from qlaunch.model import GPTQ_EMBEDDINGS
+        from qlaunch.config.checkpoint import GPTQ_EMBEDDINGS
 
         settings.problems.append(GPTQ_EMBEDDINGS.format(modules=" ".join(ns.lora_modules_to_save)))
 
@@ -189,7 +189,7 @@ def resolve_packing(ns: argparse.Namespace, path: str | None, settings: Settings
     """Packing isolates samples through transformers' attention (position ids restart per sample).
     A checkpoint's own modelling code (auto_map, run with --trust_remote_code, e.g. Qwen-7B's
     modeling_qwen.py) does not go through it and would let packed samples attend to each other."""
-    from qlaunch.shape import read_config
+    from qlaunch.config.checkpoint import read_config
 
     if not (ns.packing and ns.trust_remote_code and path and os.path.isfile(os.path.join(path, "config.json"))):
         return

@@ -9,16 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from qlaunch.files import config_file_problems, file_problem
-from qlaunch.machine import Machine
-from qlaunch.precision import PRECISIONS
-
-CHOICES = {
-    "truncation": ("truncate", "drop"),
-    "quantization": ("auto", "nf4", "fp4", "gptq"),
-    "lora_bias": ("none", "all", "lora_only"),
-    "precision": PRECISIONS,
-}
+from qlaunch.config.choices import CHOICES
+from qlaunch.config.files import config_file_problems, file_problem
+from qlaunch.config.machine import Machine
 
 
 def _check_paths(ns: argparse.Namespace, problems: list[str]) -> None:
@@ -78,7 +71,7 @@ def _check_values(ns: argparse.Namespace, problems: list[str]) -> None:
                 problems.append(f"--{flag} has no effect without --use_lora (or --q_lora).")
     if ns.quantization != "auto" and not ns.q_lora:
         problems.append(f"--quantization {ns.quantization} has no effect without --q_lora.")
-    from qlaunch.data.cache import cache_dir_problem
+    from qlaunch.config.files import cache_dir_problem
 
     cache_problem = None if ns.lazy_preprocess else cache_dir_problem(getattr(ns, "cache_dir", None))
     if cache_problem:
@@ -219,7 +212,7 @@ def check_arguments(ns: argparse.Namespace) -> list[str]:
 
 def validate_args(ns: argparse.Namespace, *, machine: Machine | None = None) -> list[str]:
     """Every problem at once: the argument checks, then those found while resolving settings."""
-    from qlaunch.resolve import resolve
+    from qlaunch.config.resolve import resolve
 
     machine = Machine.detect() if machine is None else machine
     return check_arguments(ns) + resolve(ns, machine).problems

@@ -34,47 +34,15 @@ import socket
 import time
 import uuid
 
-from qlaunch.errors import UsageError
+from qlaunch.config.errors import UsageError
 
 log = logging.getLogger("qlaunch")
 
 LAYOUT = 1  # bump when the entry layout changes
-DISABLED = ("none", "off", "false", "no", "0")
 MARKER, META, DATA = "COMPLETE", "meta.json", "data"
 ROW_STATS = ("length", "status", "trained", "system_not_rendered")
 BATCH_SIZE = 1000
 SAMPLES_PER_PROCESS = 4000  # below this, forking workers costs more than it saves
-
-
-def default_cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return os.path.join(constants.HF_HOME, "qlaunch", "tokenized")
-
-
-def resolve_cache_dir(value: str | None) -> str | None:
-    """--cache_dir → the directory to use, or None when caching is off (`--cache_dir none`)."""
-    if value is None or value == "" or value == "auto":
-        return default_cache_dir()
-    if value.strip().lower() in DISABLED:
-        return None
-    return os.path.abspath(os.path.expanduser(value))
-
-
-def cache_dir_problem(value: str | None) -> str | None:
-    """Why --cache_dir cannot be used (a file, or not creatable / writable), or None."""
-    path = resolve_cache_dir(value)
-    if path is None:
-        return None
-    if os.path.exists(path) and not os.path.isdir(path):
-        return f"--cache_dir {value!r}: exists and is not a directory; pass a directory, or none to disable the cache."
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        return (f"--cache_dir {value!r}: {parent!r} is not a writable directory; pass another directory, "
-                "or none to disable the cache.")
-    return None
 
 
 def _xxh(data: bytes) -> str:
@@ -112,10 +80,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _code_digest() -> str:
-    from qlaunch.data import formats, tokenize
+    from qlaunch.data import formats, labels, templates, tokenize
 
     h = hashlib.sha256()
-    for module in (formats, tokenize):
+    for module in (formats, templates, labels, tokenize):
         with open(module.__file__, "rb") as f:
             h.update(f.read())
     with open(__file__, "rb") as f:
@@ -281,7 +249,8 @@ def build_entry(path: str, tokenizer, cache_dir: str, entry: str, key: str, part
     import pyarrow.compute as pc
 
     from qlaunch.data.formats import load_samples
-    from qlaunch.data.tokenize import DROPPED_NO_LABELS, DROPPED_TOO_LONG, TokenizeStats, count_rows
+    from qlaunch.data.labels import DROPPED_NO_LABELS, DROPPED_TOO_LONG
+    from qlaunch.data.tokenize import TokenizeStats, count_rows
 
     samples = load_samples(path, system_message)  # every malformed record reported here, before any work
     num_proc = default_num_proc(len(samples)) if num_proc is None else num_proc

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from qlaunch.data.tokenize import IGNORE_INDEX
+from qlaunch.data.labels import IGNORE_INDEX
 
 
 def flattens_packed_rows(attn_implementation: str | None) -> bool:

@@ -12,9 +12,9 @@ import logging
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from qlaunch.config.errors import UsageError
 from qlaunch.data.formats import JsonlSamples, load_samples
 from qlaunch.data.tokenize import TokenizeStats, tokenize_batch, tokenize_messages
-from qlaunch.errors import UsageError
 
 log = logging.getLogger("qlaunch")
 

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any
 
-from qlaunch.errors import UsageError
+from qlaunch.config.errors import UsageError
 
 Message = dict[str, str]
 
@@ -39,7 +39,7 @@ def _jsonl_line_error(path: str, lineno: int, e: json.JSONDecodeError) -> UsageE
 
 
 def _check_readable(path: str) -> None:
-    from qlaunch.files import file_problem
+    from qlaunch.config.files import file_problem
 
     problem = file_problem(path)
     if problem:

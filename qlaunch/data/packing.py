@@ -15,7 +15,7 @@ import logging
 
 from torch.utils.data import Dataset
 
-from qlaunch.data.tokenize import IGNORE_INDEX
+from qlaunch.data.labels import IGNORE_INDEX
 
 log = logging.getLogger("qlaunch")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from qlaunch.shape import Shape
+from qlaunch.memory.shape import Shape
 
 GiB = 1024**3
 # An idle PyTorch CUDA process (driver context, cuBLAS/cuBLASLt workspaces, lazily loaded kernels)

@@ -1,15 +1,18 @@
-"""Out of GPU memory: one message with this run's memory plan and the changes that would fit.
+"""Does the plan fit: the verdict, the one-setting changes that would fit, and the out-of-memory message.
 
-Caught at the top level of finetune.py (exit code 3) instead of a CUDA traceback as the only
-output. The options come from re-planning the same run with one setting changed, not from rules
-of thumb; `python -m qlaunch.plan`'s fit verdict uses the same re-planning.
+The options come from re-planning the same run with one setting changed, not from rules of thumb;
+`python -m qlaunch.plan`'s verdict, finetune.py --dry_run and the OOM message (caught at the top
+level of finetune.py, exit code 3, instead of a CUDA traceback as the only output) all use them.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 
-GiB = 1024**3
+from qlaunch.config.checkpoint import read_config
+from qlaunch.memory.planner import GiB, Target, compute, dataset_stats, detected_target, flat_args, format_plan
+from qlaunch.memory.shape import model_shape
+
 EXIT_CODE = 3
 MIN_LENGTH = 256
 
@@ -61,7 +64,6 @@ def replanned_settings(settings, overrides: dict):
 
 def replan_all(args, settings, target, shape, stats) -> list[tuple[str, float]]:
     """(flag text, per-device peak GB) of every candidate change, re-planned."""
-    from qlaunch.plan import compute
 
     out = []
     for text, overrides in candidate_changes(args):
@@ -89,8 +91,6 @@ def options_that_fit(args, settings, target, shape, stats) -> list[tuple[str, fl
 
 def oom_report(config, error: BaseException, device_bytes: int | None) -> str:
     """The message for an out-of-memory error of this run on a device of device_bytes (None: unknown)."""
-    from qlaunch.plan import compute, detected_target, flat_args, format_plan
-    from qlaunch.shape import model_shape, read_config
 
     target = detected_target()
     if device_bytes:
@@ -118,3 +118,42 @@ def device_memory() -> int | None:
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     return None
+
+
+def fit_verdict(plan: dict, options: list[tuple[str, float]] | None = None) -> dict:
+    memory = plan["device"]["memory_gb"]
+    peak = plan["memory_gb"]["per_device_peak"]
+    if memory is None:
+        return {"fits": None, "text": f"peak {peak:.1f} GB of live memory per process (CPU: no device limit "
+                "planned; glibc keeps freed memory, so peak RSS can be higher unless MALLOC_MMAP_THRESHOLD_=131072)"}
+    where = f"{plan['world_size']}x {plan['device']['name']}"
+    if peak <= memory:
+        return {"fits": True, "spare_gb": memory - peak,
+                "text": f"fits on {where} with {memory - peak:.1f} GB to spare ({peak:.1f} of {memory:.1f} GB)"}
+    fitting = [(text, gb) for text, gb in (options or []) if gb <= memory]
+    text = f"does not fit: {peak:.1f} GB > {memory:.1f} GB"
+    if fitting:
+        text += "; options that fit: " + ", ".join(f"{t} ({gb:.1f} GB)" for t, gb in fitting)
+    elif options is not None:
+        text += "; no one-flag change fits: more GPUs with ZeRO-3 (--deepspeed ds_configs/zero3.json --num_gpus N) or a larger GPU"
+    return {"fits": False, "over_gb": peak - memory, "text": text,
+            "options": [{"change": t, "per_device_peak": gb} for t, gb in fitting]}
+
+
+def plan_text(config, dataset=None) -> str:
+    """What --dry_run prints: the plan for this machine, with the verdict when it has a GPU."""
+
+    target = detected_target()
+    stats = dataset_stats(dataset) if dataset is not None else None
+    return format_plan(planned(flat_args(config), config.settings, target, stats, options_that_fit))
+
+
+def planned(args, settings, target: Target, stats, options_fn=None) -> dict:
+
+    shape = model_shape(read_config(args.model_name_or_path))
+    plan = compute(args, settings, target, shape, stats)
+    options = None
+    if target.memory_bytes and plan["memory_gb"]["per_device_peak"] * GiB > target.memory_bytes and options_fn:
+        options = options_fn(args, settings, target, shape, stats)
+    plan["fit"] = fit_verdict(plan, options)
+    return plan

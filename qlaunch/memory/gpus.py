@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlaunch.errors import UsageError
-from qlaunch.machine import Machine, gpu
+from qlaunch.config.errors import UsageError
+from qlaunch.config.machine import Machine, gpu
 
 MiB = 1024**2
 GiB = 1024**3

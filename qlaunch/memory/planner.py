@@ -1,23 +1,14 @@
-"""`python -m qlaunch.plan`: the GPU memory a run will need, before launching it, from any machine.
+"""The memory plan of a run: from the flags, the resolved settings, the target devices and the model's
+shape (config.json) to a JSON-ready dict of per-device bytes by component and phase, and its text.
 
-The same flags as finetune.py (parsed by qlaunch.config, resolved by qlaunch.resolve with the
-facts of the GPU planned for, so precision follows the training rules), plus:
-  --gpu NAME | --gpu_memory_gb N --gpu_capability X.Y    the GPU (default: this machine)
-  --num_gpus N --num_nodes N                             the world size (ZeRO partitions by it)
-  --json                                                 one JSON object on stdout
-Reads only config.json (as JSON: no remote code, no weights; a tokenizer only with --data_path).
-The memory model is qlaunch.memory; the fit verdict's options come from re-planning (qlaunch.oom).
-finetune.py --dry_run prints the same plan for the machine it runs on.
+The byte model itself is qlaunch.memory.estimate; whether it fits, and what would, is
+qlaunch.memory.fit; `python -m qlaunch.plan` is the command that prints it.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
-
-from qlaunch.errors import UsageError
 
 GiB = 1024**3
 
@@ -38,7 +29,7 @@ class Target:
 
 
 def detected_target(env=os.environ) -> Target:
-    from qlaunch.machine import Machine
+    from qlaunch.config.machine import Machine
 
     machine = Machine.detect()
     world = int(env.get("WORLD_SIZE", "1"))
@@ -74,7 +65,7 @@ def token_stats(args, lengths: list[int] | None = None, trained: int | None = No
         if not getattr(args, "data_path", None):
             return None
         from qlaunch.data.dataset import build_dataset
-        from qlaunch.model import load_tokenizer
+        from qlaunch.model.load import load_tokenizer
 
         try:
             tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
@@ -107,7 +98,7 @@ def planned_seq_len(args, stats: dict | None) -> int:
 
 
 def logits_fraction(args, stats: dict | None) -> float:
-    """Share of positions that reach lm_head: with --labelled_logits_only (qlaunch/loss.py) the
+    """Share of positions that reach lm_head: with --labelled_logits_only (qlaunch/train/loss.py) the
     trained tokens of the data; without data, or with the flag off, every position (the safe side)."""
     if not getattr(args, "labelled_logits_only", False) or not stats or not stats.get("trained_tokens"):
         return 1.0
@@ -115,8 +106,8 @@ def logits_fraction(args, stats: dict | None) -> float:
 
 
 def build_job(args, settings, target: Target, seq_len: int, logits_share: float = 1.0):
-    from qlaunch.memory import Job
-    from qlaunch.resolve import offloads_optimizer, read_deepspeed_config, zero_stage
+    from qlaunch.config.resolve import offloads_optimizer, read_deepspeed_config, zero_stage
+    from qlaunch.memory.estimate import Job
 
     ds = read_deepspeed_config(args.deepspeed) if getattr(args, "deepspeed", None) else {}
     offload_params = ((ds.get("zero_optimization") or {}).get("offload_param") or {}).get("device") in ("cpu", "nvme")
@@ -147,7 +138,7 @@ def build_job(args, settings, target: Target, seq_len: int, logits_share: float 
 
 def compute(args, settings, target: Target, shape, stats: dict | None = None) -> dict:
     """The plan as a JSON-ready dict (no verdict options)."""
-    from qlaunch.memory import plan_memory
+    from qlaunch.memory.estimate import plan_memory
 
     job = build_job(args, settings, target, planned_seq_len(args, stats), logits_fraction(args, stats))
     plan = plan_memory(shape, job)
@@ -175,26 +166,6 @@ def compute(args, settings, target: Target, shape, stats: dict | None = None) ->
         "total_gib_estimate": plan.peak_bytes / GiB,
     }
     return out
-
-
-def fit_verdict(plan: dict, options: list[tuple[str, float]] | None = None) -> dict:
-    memory = plan["device"]["memory_gb"]
-    peak = plan["memory_gb"]["per_device_peak"]
-    if memory is None:
-        return {"fits": None, "text": f"peak {peak:.1f} GB of live memory per process (CPU: no device limit "
-                "planned; glibc keeps freed memory, so peak RSS can be higher unless MALLOC_MMAP_THRESHOLD_=131072)"}
-    where = f"{plan['world_size']}x {plan['device']['name']}"
-    if peak <= memory:
-        return {"fits": True, "spare_gb": memory - peak,
-                "text": f"fits on {where} with {memory - peak:.1f} GB to spare ({peak:.1f} of {memory:.1f} GB)"}
-    fitting = [(text, gb) for text, gb in (options or []) if gb <= memory]
-    text = f"does not fit: {peak:.1f} GB > {memory:.1f} GB"
-    if fitting:
-        text += "; options that fit: " + ", ".join(f"{t} ({gb:.1f} GB)" for t, gb in fitting)
-    elif options is not None:
-        text += "; no one-flag change fits: more GPUs with ZeRO-3 (--deepspeed ds_configs/zero3.json --num_gpus N) or a larger GPU"
-    return {"fits": False, "over_gb": peak - memory, "text": text,
-            "options": [{"change": t, "per_device_peak": gb} for t, gb in fitting]}
 
 
 def format_plan(plan: dict) -> str:
@@ -228,7 +199,8 @@ def format_plan(plan: dict) -> str:
 
 def memory_plan(config, target: Target | None = None, stats: dict | None = None) -> dict:
     """The plan of a parsed, resolved finetune.py Config (dry run, OOM report, metrics.json)."""
-    from qlaunch.shape import model_shape, read_config
+    from qlaunch.config.checkpoint import read_config
+    from qlaunch.memory.shape import model_shape
 
     target = target or detected_target()
     args = flat_args(config)
@@ -244,109 +216,3 @@ def dataset_stats(dataset) -> dict | None:
     if not hasattr(samples, "lengths"):
         return None
     return token_stats(None, samples.lengths, samples.stats.trained_tokens)
-
-
-def plan_text(config, dataset=None) -> str:
-    """What --dry_run prints: the plan for this machine, with the verdict when it has a GPU."""
-    from qlaunch.oom import options_that_fit
-
-    target = detected_target()
-    stats = dataset_stats(dataset) if dataset is not None else None
-    return format_plan(planned(flat_args(config), config.settings, target, stats, options_that_fit))
-
-
-def planned(args, settings, target: Target, stats, options_fn=None) -> dict:
-    from qlaunch.shape import model_shape, read_config
-
-    shape = model_shape(read_config(args.model_name_or_path))
-    plan = compute(args, settings, target, shape, stats)
-    options = None
-    if target.memory_bytes and plan["memory_gb"]["per_device_peak"] * GiB > target.memory_bytes and options_fn:
-        options = options_fn(args, settings, target, shape, stats)
-    plan["fit"] = fit_verdict(plan, options)
-    return plan
-
-
-# ---- the command line ------------------------------------------------------------------------
-
-PLAN_ONLY_PREFIX = "--data_path is required"  # planning needs no data
-
-
-def plan_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    p.add_argument("--gpu")
-    p.add_argument("--gpu_memory_gb", type=float)
-    p.add_argument("--gpu_capability")
-    p.add_argument("--num_gpus", type=int, default=1)
-    p.add_argument("--num_nodes", type=int, default=1)
-    p.add_argument("--json", action="store_true")
-    return p
-
-
-def target_from(opts) -> Target:
-    from qlaunch.gpus import custom_gpu, find_gpu, machine_for
-
-    if opts.num_gpus < 1 or opts.num_nodes < 1:
-        raise UsageError(f"--num_gpus {opts.num_gpus} --num_nodes {opts.num_nodes}: both must be at least 1.")
-    if opts.gpu and (opts.gpu_memory_gb is not None or opts.gpu_capability):
-        raise UsageError("--gpu NAME or --gpu_memory_gb N --gpu_capability X.Y: pass one of them.")
-    if opts.gpu:
-        device = find_gpu(opts.gpu)
-    elif opts.gpu_memory_gb is not None or opts.gpu_capability:
-        device = custom_gpu(opts.gpu_memory_gb, opts.gpu_capability)
-    else:
-        detected = detected_target({"WORLD_SIZE": "1"})
-        return Target(detected.machine, detected.memory_bytes, detected.name, opts.num_gpus, opts.num_nodes)
-    return Target(machine_for(device, opts.num_gpus), device.memory_bytes, device.name, opts.num_gpus,
-                  opts.num_nodes)
-
-
-def prepare_plan(argv: list[str]):
-    """(args, settings, target, stats): finetune.py's parser and rules, for the target GPU."""
-    from qlaunch.config import parse_namespace
-    from qlaunch.model import require_library
-    from qlaunch.resolve import resolve
-    from qlaunch.validate import check_arguments
-
-    opts, rest = plan_parser().parse_known_args(argv)
-    target = target_from(opts)
-    ns = parse_namespace(rest)
-    ns.dry_run = True  # a config-only directory (no weights) is what planning needs
-    problems = [p for p in check_arguments(ns) if not p.startswith(PLAN_ONLY_PREFIX)]
-    settings = resolve(ns, target.machine, env={"WORLD_SIZE": str(target.world_size)})
-    missing = require_library(settings.quant_method)  # planning does not load: libraries not needed here
-    problems += [p for p in settings.problems if p != missing]
-    if problems:
-        raise UsageError(problems)
-    for key, value in settings.overrides().items():  # what training would run with (q_lora → use_lora …)
-        if hasattr(ns, key) and key not in ("fp16", "bf16", "tf32"):
-            setattr(ns, key, value)
-    stats = token_stats(ns) if ns.data_path else None
-    return ns, settings, target, stats, opts
-
-
-def main(argv=None) -> None:
-    import json
-
-    from qlaunch.oom import options_that_fit
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        sys.exit(0)
-    try:
-        ns, settings, target, stats, opts = prepare_plan(argv)
-        plan = planned(ns, settings, target, stats, options_that_fit)
-    except UsageError as e:
-        print(e.render("qlaunch.plan"), file=sys.stderr)
-        sys.exit(2)
-    if opts.json:
-        print(json.dumps(plan, indent=2, default=str))
-    else:
-        for note in settings.notes:
-            print(f"[qlaunch] {note}", file=sys.stderr)
-        print(format_plan(plan))
-
-
-if __name__ == "__main__":
-    main()

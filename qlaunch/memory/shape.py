@@ -8,12 +8,10 @@ code with the checkpoint; it is described here from its own config keys instead 
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import dataclass
 
-from qlaunch.errors import UsageError
+from qlaunch.config.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -57,33 +55,6 @@ class Shape:
     @property
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
-
-
-def read_config(path: str) -> dict:
-    """config.json of a local directory (or of a hub id already in the local cache), as JSON."""
-    if os.path.isdir(os.path.expanduser(path)):
-        file = os.path.join(os.path.expanduser(path), "config.json")
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            file = hf_hub_download(path, "config.json")
-        except Exception as e:  # offline and not cached, or not a repo id
-            raise UsageError(f"--model_name_or_path {path!r}: no local directory and its config.json could not be "
-                             f"fetched ({type(e).__name__}); pass a directory holding the model's config.json.") from None
-    try:
-        with open(file, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--model_name_or_path {path!r}: cannot read config.json ({e}); pass a directory "
-                         "with the checkpoint's config.json.") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"--model_name_or_path {path!r}: config.json is not a JSON object.")
-    quantize_config = os.path.join(os.path.dirname(file), "quantize_config.json")
-    if "quantization_config" not in config and os.path.isfile(quantize_config):
-        with open(quantize_config, encoding="utf-8") as f:  # older GPTQ checkpoints keep it beside
-            config["quantization_config"] = {"quant_method": "gptq", **json.load(f)}
-    return config
 
 
 def _gptq(config: dict) -> dict | None:

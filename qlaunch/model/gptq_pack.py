@@ -214,7 +214,7 @@ def make_gptq_checkpoint(
         "format": "gptq",
         "pack_dtype": "int32",
         "lm_head": False,
-        "meta": {"quantizer": ["qlaunch.testing.gptq:rtn"]},
+        "meta": {"quantizer": ["qlaunch.model.gptq_pack:rtn"]},
     }
     config["quantization_config"] = quant_config
     config["dtype"] = str(dense_dtype).replace("torch.", "")

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from qlaunch.errors import UsageError
+from qlaunch.config.errors import UsageError
 
 RUN_INFO = "run_info.json"
 
@@ -76,7 +76,8 @@ def load_for_inference(
     quantization "auto" the base is loaded as the adapter was trained (run_info.json
     records nf4 / fp4 / gptq / none).
     """
-    from qlaunch.model import checkpoint_quant_method, load_tokenizer, quantization_config
+    from qlaunch.config.checkpoint import checkpoint_quant_method
+    from qlaunch.model.load import load_tokenizer, quantization_config
 
     if base is None:
         if adapter is None:
@@ -93,7 +94,7 @@ def load_for_inference(
     else:
         quant = None if quantization in (None, "none") else quantization
 
-    from qlaunch.machine import CPU, Machine
+    from qlaunch.config.machine import CPU, Machine
 
     machine = CPU if device == "cpu" else Machine.detect()
     cuda = machine.cuda
@@ -121,3 +122,25 @@ def load_for_inference(
 
 def _has_tokenizer(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def reply(model, tokenizer, messages, *, max_new_tokens: int = 256, temperature: float = 0.0,
+          stream: bool = False) -> str:
+    """The model's reply to a conversation (greedy when temperature is 0), optionally streamed to stdout."""
+    from transformers import TextStreamer
+
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    device = next(model.parameters()).device
+    inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+            **sampling,
+        )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -67,7 +67,7 @@ def input_grams(model, names: list[str], calibration: list[dict]) -> dict[str, t
 
 def gptq_weight(tensors: dict, bits: int) -> tuple[torch.Tensor, float]:
     """Dequantized [out, in] weight and stored bits/param of one GPTQ v1 layer."""
-    from qlaunch.testing.gptq import dequantize_gptq_v1
+    from qlaunch.model.gptq_pack import dequantize_gptq_v1
 
     weight = dequantize_gptq_v1(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], bits)
     stored = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -76,7 +76,7 @@ def gptq_weight(tensors: dict, bits: int) -> tuple[torch.Tensor, float]:
 
 def rtn_weight(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Round-to-nearest on GPTQ's symmetric grid (same groups, no calibration)."""
-    from qlaunch.testing.gptq import quantize_rtn_sym
+    from qlaunch.model.gptq_pack import quantize_rtn_sym
 
     group = weight.shape[1] if group_size == -1 else group_size
     codes, scales, zero = quantize_rtn_sym(weight, bits, group)
@@ -88,7 +88,7 @@ def bnb_weight(weight: torch.Tensor, quant_type: str) -> tuple[torch.Tensor, flo
     """bitsandbytes NF4/FP4 (double quantization) round trip of a weight, and its stored bits/param."""
     import bitsandbytes as bnb
 
-    from qlaunch.footprint import linear4bit_storage
+    from qlaunch.model.footprint import linear4bit_storage
 
     out_f, in_f = weight.shape
     layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32, compress_statistics=True,

@@ -21,7 +21,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from qlaunch.data.tokenize import IGNORE_INDEX
+from qlaunch.data.labels import IGNORE_INDEX
 
 
 def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from qlaunch.data.tokenize import IGNORE_INDEX
+from qlaunch.data.labels import IGNORE_INDEX
 
 GiB = 1024**3
 
@@ -62,7 +62,7 @@ def config_hash(config) -> str:
 
 
 def run_metrics(config, trainer, clock: RunClock) -> dict:
-    from qlaunch.plan import memory_plan
+    from qlaunch.memory.planner import memory_plan
 
     seconds = clock.seconds or (time.monotonic() - clock.start)
     real = int(trainer.state.num_input_tokens_seen or 0)

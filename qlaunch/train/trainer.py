@@ -10,10 +10,10 @@ import subprocess
 import torch
 from transformers import Trainer
 
-from qlaunch.checkpoints import AtomicCheckpointMixin, newest_complete_checkpoint
 from qlaunch.data.collate import PaddingCollator, flattens_packed_rows
-from qlaunch.loss import LabelledLogitsMixin, labelled_logits_unsupported
-from qlaunch.metrics import TrainedTokenCountMixin
+from qlaunch.train.checkpoints import AtomicCheckpointMixin, newest_complete_checkpoint
+from qlaunch.train.loss import LabelledLogitsMixin, labelled_logits_unsupported
+from qlaunch.train.metrics import TrainedTokenCountMixin
 
 log = logging.getLogger("qlaunch")
 
@@ -27,8 +27,8 @@ def make_collator(tokenizer, on_gpu: bool, attn_implementation: str | None = Non
 
 
 class QlaunchTrainer(AtomicCheckpointMixin, TrainedTokenCountMixin, LabelledLogitsMixin, Trainer):
-    """transformers' Trainer with atomic checkpoints (qlaunch/checkpoints.py), a count of the
-    trained tokens (qlaunch/metrics.py) and logits only at labelled positions (qlaunch/loss.py)."""
+    """transformers' Trainer with atomic checkpoints (qlaunch/train/checkpoints.py), a count of the
+    trained tokens (qlaunch/train/metrics.py) and logits only at labelled positions (qlaunch/train/loss.py)."""
 
 
 def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, callbacks=()):

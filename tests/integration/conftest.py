@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from launchkit import GLOBAL_BATCH, REPO, TINY, Run, base_env, launch
 
 

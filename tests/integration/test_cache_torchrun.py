@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from launchkit import GLOBAL_BATCH, HOOKS, TINY, base_env, launch
 
 pytestmark = [pytest.mark.integration, pytest.mark.torchrun]

@@ -12,9 +12,17 @@ import subprocess
 
 import numpy as np
 import pytest
-
-from launchkit import (DS_CONFIGS, GLOBAL_BATCH, REPO, TINY, base_env, deepspeed_available, free_port, launch,
-                       max_abs_diff)
+from launchkit import (
+    DS_CONFIGS,
+    GLOBAL_BATCH,
+    REPO,
+    TINY,
+    base_env,
+    deepspeed_available,
+    free_port,
+    launch,
+    max_abs_diff,
+)
 from test_torchrun import assert_ranks_identical
 
 pytestmark = [pytest.mark.integration, pytest.mark.deepspeed]

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from launchkit import LAUNCH, REPO, TINY, base_env, free_port, launch
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,6 @@ import re
 import time
 
 import pytest
-
 from launchkit import GLOBAL_BATCH, HOOKS, LAUNCH, TINY, Run, base_env, max_abs_diff
 from slurm_cluster import SlurmCluster, unavailable_reason, wait_job
 from test_torchrun import assert_ranks_identical

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from launchkit import GLOBAL_BATCH, MAX_STEPS, REPO, TINY, base_env, finish, free_port, launch, max_abs_diff
 
 pytestmark = [pytest.mark.integration, pytest.mark.torchrun]

@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from launchkit import REPO, base_env, launch
 
 pytestmark = [pytest.mark.integration, pytest.mark.gptq, pytest.mark.slow]
@@ -77,8 +76,7 @@ def test_lora_merge_quantize_qlora_chat_merge(launch_demo, tmp_path):
 
     # 5. Chat with the new adapter: the command's reply equals in-process generation.
     chat = python_m("qlaunch.chat", "--adapter", tmp_path / "qlora", "--prompt", PROMPT, "--max_new_tokens", "16")
-    from qlaunch.adapters import load_for_inference
-    from qlaunch.chat import reply
+    from qlaunch.model.inference import load_for_inference, reply
 
     adapter_model, tokenizer = load_for_inference(adapter=str(tmp_path / "qlora"), device="cpu")
     assert any(hasattr(m, "qweight") for m in adapter_model.modules())  # the GPTQ base, as trained

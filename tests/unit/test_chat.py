@@ -21,8 +21,7 @@ def nf4_adapter(demo, tmp_path_factory):
 
 
 def test_chat_cli_answers_a_prompt_as_trained_model_would(nf4_adapter):
-    from qlaunch.adapters import load_for_inference
-    from qlaunch.chat import reply
+    from qlaunch.model.inference import load_for_inference, reply
 
     result = subprocess.run([sys.executable, "-m", "qlaunch.chat", "--adapter", nf4_adapter, "--prompt",
                              "What is the opposite of hot?", "--max_new_tokens", "24"],
@@ -43,7 +42,7 @@ def test_auto_peft_model_loads_the_adapter(nf4_adapter):
     from peft import AutoPeftModelForCausalLM
     from transformers import BitsAndBytesConfig
 
-    from qlaunch.adapters import load_for_inference
+    from qlaunch.model.inference import load_for_inference
 
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                     bnb_4bit_compute_dtype=torch.float32)
@@ -64,9 +63,9 @@ def test_chat_bad_adapter_dir_exit_2(tmp_path):
 def test_q_lora_without_bitsandbytes_gives_install_command(demo, monkeypatch):
     import importlib.util
 
-    from qlaunch.config import parse_namespace
-    from qlaunch.machine import CPU
-    from qlaunch.validate import validate_args
+    from qlaunch.config.arguments import parse_namespace
+    from qlaunch.config.machine import CPU
+    from qlaunch.config.validate import validate_args
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))

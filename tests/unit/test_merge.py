@@ -29,7 +29,7 @@ def test_merged_model_matches_trained_adapter(kind, demo, tmp_path):
     model_path = demo["model"]
     if kind == "gptq":
         pytest.importorskip("gptqmodel")
-        from qlaunch.testing.gptq import make_gptq_checkpoint
+        from qlaunch.model.gptq_pack import make_gptq_checkpoint
 
         model_path = make_gptq_checkpoint(demo["model"], str(tmp_path / "gptq"))
     out = tmp_path / "adapter"
@@ -51,13 +51,13 @@ def test_merged_model_matches_trained_adapter(kind, demo, tmp_path):
     # The 4-bit CPU kernels compute in reduced precision (bitsandbytes dequantizes NF4 to bf16); the
     # merged model can only be as close to the trained one as the plain dequantized base is to the
     # quantized base. Measure that floor on the untrained base.
-    from qlaunch.adapters import load_for_inference
     from qlaunch.merge import plain_copy
+    from qlaunch.model.inference import load_for_inference
 
     if kind == "nf4":
         base, _ = load_for_inference(model_path, None, quantization="nf4", device="cpu")
     else:
-        from qlaunch.gptq import gptq_training_config, pin_training_kernels
+        from qlaunch.model.gptq import gptq_training_config, pin_training_kernels
 
         base = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=gptq_training_config(),
                                                     device_map={"": "cpu"}, dtype=torch.float32)

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from qlaunch.cli import prepare
-from qlaunch.errors import UsageError
-from qlaunch.memory import gptq_bytes, nf4_bytes
-from qlaunch.plan import format_plan, memory_plan, planned, prepare_plan
+from qlaunch.config.errors import UsageError
+from qlaunch.memory.estimate import gptq_bytes, nf4_bytes
+from qlaunch.memory.fit import planned
+from qlaunch.memory.planner import format_plan, memory_plan
+from qlaunch.plan import prepare_plan
 from tests.conftest import REPO
 from tests.model_dims import DIMS, config_dir, shared_config
 
@@ -49,7 +51,7 @@ def test_nf4_bytes_equal_a_real_bitsandbytes_layer(double_quant):
     """Every byte a Linear4bit stores (codes + quant state, read from the object) equals the model's count."""
     import bitsandbytes as bnb
 
-    from qlaunch.footprint import linear4bit_storage
+    from qlaunch.model.footprint import linear4bit_storage
 
     layer = bnb.nn.Linear4bit(384, 320, bias=False, quant_type="nf4", compress_statistics=double_quant)
     layer.weight = bnb.nn.Params4bit(torch.randn(320, 384), requires_grad=False, quant_type="nf4",
@@ -61,7 +63,7 @@ def test_nf4_bytes_equal_a_real_bitsandbytes_layer(double_quant):
 
 def test_gptq_bytes_equal_a_packed_checkpoint():
     """int32 qweight/qzeros, fp16 scales and int32 g_idx of a hand-packed GPTQ v1 layer."""
-    from qlaunch.testing.gptq import pack_gptq_v1, quantize_rtn_sym
+    from qlaunch.model.gptq_pack import pack_gptq_v1, quantize_rtn_sym
 
     n_in, n_out, group = 512, 384, 128
     codes, scales, zero = quantize_rtn_sym(torch.randn(n_out, n_in), 4, group)
@@ -71,7 +73,7 @@ def test_gptq_bytes_equal_a_packed_checkpoint():
 
 
 def _qwen7b_params():
-    # written out term by term from Qwen-7B's architecture (not from qlaunch.shape)
+    # written out term by term from Qwen-7B's architecture (not from qlaunch.memory.shape)
     h, ffn_half, vocab, layers = 4096, 11008, 151936, 32
     per_layer = (h * 3 * h + 3 * h) + h * h + 2 * h * ffn_half + ffn_half * h + 2 * h
     return layers * per_layer + h + 2 * vocab * h
@@ -188,7 +190,7 @@ def test_fit_verdict_options_are_replanned(tmp_path):
     model = config_dir("meta-llama/Meta-Llama-3-8B-Instruct", str(tmp_path))
     argv = ["--config", os.path.join(REPO, "recipes", "llama3-8b-nf4-qlora.yaml"), "--model_name_or_path", model,
             "--gpu", "RTX-4090"]
-    from qlaunch.oom import options_that_fit
+    from qlaunch.memory.fit import options_that_fit
 
     ns, settings, target, stats, _ = prepare_plan(argv)
     plan = planned(ns, settings, target, stats, options_that_fit)
@@ -237,7 +239,7 @@ def test_labelled_logits_plan_the_trained_share_of_positions(demo, tmp_path):
     """With --labelled_logits_only (the default) and data, lm_head sees the trained tokens only: the
     plan's logits chain shrinks by the data's trained share; without data or with the flag off,
     every position is planned."""
-    from qlaunch.plan import logits_fraction
+    from qlaunch.memory.planner import logits_fraction
 
     base = ["--model_name_or_path", demo["model"], "--q_lora", "--gpu", "A100-80GB", "--model_max_length", "128",
             "--data_path", demo["train"]]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qlaunch import quantize
-from qlaunch.quant_report import errors
+from qlaunch.model.quant_error import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAVE_GPTQ = importlib.util.find_spec("gptqmodel") is not None and importlib.util.find_spec("optimum") is not None
@@ -196,7 +196,7 @@ def test_reloads_with_transformers_generates_and_beats_rtn(quantized, demo, tmp_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlaunch.data.formats import load_samples
-    from qlaunch.testing.gptq import make_gptq_checkpoint
+    from qlaunch.model.gptq_pack import make_gptq_checkpoint
 
     tok = AutoTokenizer.from_pretrained(quantized["out"])
     model = AutoModelForCausalLM.from_pretrained(quantized["out"], device_map="cpu")

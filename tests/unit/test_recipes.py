@@ -1,14 +1,14 @@
 """Every shipped recipe parses through the real parser and validates; each names its launch command."""
 import glob
 import json
-import re
 import os
+import re
 
 import pytest
 import yaml
 
 from qlaunch.cli import prepare
-from qlaunch.config import make_parser
+from qlaunch.config.arguments import make_parser
 from tests.conftest import REPO
 
 RECIPES = sorted(glob.glob(os.path.join(REPO, "recipes", "*.yaml")))
@@ -59,7 +59,8 @@ def header(path):
 
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
 def test_recipe_fits_the_gpu_its_header_names(path, demo, tmp_path):
-    from qlaunch.plan import planned, prepare_plan
+    from qlaunch.memory.fit import planned
+    from qlaunch.plan import prepare_plan
     from tests.model_dims import DIMS, config_dir
 
     gpu, count, model, deepspeed = header(path)

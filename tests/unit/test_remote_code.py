@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from qlaunch.errors import UsageError
+from qlaunch.config.errors import UsageError
 from tests.conftest import REPO
 
 CONFIG_PY = '''from transformers import Qwen2Config
@@ -58,7 +58,7 @@ def remote_adapter(demo, tmp_path_factory):
 
 
 def test_refused_with_the_fix_before_loading(remote_adapter):
-    from qlaunch.adapters import load_for_inference
+    from qlaunch.model.inference import load_for_inference
 
     with pytest.raises(UsageError, match="pass --trust_remote_code if you trust it"):
         load_for_inference(adapter=remote_adapter["adapter"])
@@ -67,7 +67,7 @@ def test_refused_with_the_fix_before_loading(remote_adapter):
 
 
 def test_loads_with_the_flag_and_gives_the_trained_logits(remote_adapter):
-    from qlaunch.adapters import load_for_inference
+    from qlaunch.model.inference import load_for_inference
 
     model, _ = load_for_inference(adapter=remote_adapter["adapter"], trust_remote_code=True)
     with torch.no_grad():
@@ -95,8 +95,8 @@ def test_chat_and_merge_cli(remote_adapter, tmp_path):
 
 
 def test_inference_dtype_decided_by_capability():
-    from qlaunch.adapters import inference_dtype
-    from qlaunch.machine import CPU, gpu
+    from qlaunch.config.machine import CPU, gpu
+    from qlaunch.model.inference import inference_dtype
 
     assert inference_dtype(None, gpu((8, 0))) == torch.bfloat16
     assert inference_dtype(None, gpu((7, 0))) == torch.float16  # V100: bf16 only through emulation

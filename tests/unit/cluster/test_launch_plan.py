@@ -4,7 +4,10 @@ import argparse
 import pytest
 from torch.distributed.run import get_args_parser
 
-from qlaunch.launch import ROOT, Facts, LaunchError, gpu_count, parse, plan, single_process_env
+from qlaunch.cluster.facts import Facts, LaunchError, gpu_count
+from qlaunch.cluster.plan import ROOT, plan
+from qlaunch.cluster.rendezvous import single_process_env
+from qlaunch.launch import parse
 
 PY = "/venv/bin/python"
 FT = str(ROOT / "finetune.py")

@@ -2,11 +2,11 @@
 import pytest
 
 from qlaunch.cli import prepare
-from qlaunch.config import parse_namespace
-from qlaunch.errors import UsageError
-from qlaunch.machine import CPU
-from qlaunch.resolve import resolve
-from qlaunch.validate import validate_args
+from qlaunch.config.arguments import parse_namespace
+from qlaunch.config.errors import UsageError
+from qlaunch.config.machine import CPU
+from qlaunch.config.resolve import resolve
+from qlaunch.config.validate import validate_args
 
 
 def base_args(demo, *extra):
@@ -137,7 +137,7 @@ def test_zero3_with_gptq_is_refused_up_front(demo, tmp_path):
     import os
 
     pytest.importorskip("gptqmodel")
-    from qlaunch.testing.gptq import make_gptq_checkpoint
+    from qlaunch.model.gptq_pack import make_gptq_checkpoint
     from tests.conftest import REPO
 
     gptq = make_gptq_checkpoint(demo["model"], str(tmp_path / "gptq"))

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from qlaunch import precision as P
-from qlaunch.machine import CPU, gpu
-from qlaunch.precision import resolve_precision
+from qlaunch.config import precision as P
+from qlaunch.config.machine import CPU, gpu
+from qlaunch.config.precision import resolve_precision
 
 A100, H100, V100, T4 = gpu((8, 0), "A100"), gpu((9, 0), "H100"), gpu((7, 0), "V100"), gpu((7, 5), "T4")
 
@@ -86,8 +86,8 @@ def test_both_flags():
 
 def test_settings_carry_gpu_precision_into_training_arguments(demo):
     """The resolved settings for an A100 set bf16 + tf32 for the Trainer (built here without a GPU)."""
-    from qlaunch.config import parse_namespace
-    from qlaunch.resolve import resolve
+    from qlaunch.config.arguments import parse_namespace
+    from qlaunch.config.resolve import resolve
 
     ns = parse_namespace(["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--use_lora"])
     settings = resolve(ns, A100)

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from qlaunch.config import parse_namespace
-from qlaunch.machine import CPU, gpu
-from qlaunch.resolve import deepspeed_config_warnings, resolve
+from qlaunch.config.arguments import parse_namespace
+from qlaunch.config.machine import CPU, gpu
+from qlaunch.config.resolve import deepspeed_config_warnings, resolve
 from tests.conftest import REPO
 
 A100, V100 = gpu((8, 0), "A100"), gpu((7, 0), "V100")
@@ -46,7 +46,7 @@ def test_fp16_trainables_crash_the_grad_scaler_until_upcast(demo):
     modules_to_save and biases on an fp16 base) cannot be unscaled; after upcast_trainable_fp16 they can."""
     from transformers import AutoModelForCausalLM
 
-    from qlaunch.model import attach_lora, upcast_trainable_fp16
+    from qlaunch.model.lora import attach_lora, upcast_trainable_fp16
 
     def trainable_after_scaled_backward(upcast: bool):
         model = AutoModelForCausalLM.from_pretrained(demo["model"], dtype=torch.float16)
@@ -95,7 +95,7 @@ def test_optimizer_block_warnings_say_what_is_overridden():
 
 
 def test_zero3_partitioned_parameters_are_counted_by_ds_numel():
-    from qlaunch.model import count_parameters
+    from qlaunch.model.lora import count_parameters
 
     model = torch.nn.Linear(4, 4)
     model.bias.requires_grad_(False)
@@ -106,7 +106,7 @@ def test_zero3_partitioned_parameters_are_counted_by_ds_numel():
 
 
 def test_elastic_restart_resumes_like_a_requeue():
-    from qlaunch.train import resume_request
+    from qlaunch.train.trainer import resume_request
 
     assert resume_request(None, {"TORCHELASTIC_RESTART_COUNT": "1"}) == "auto"
     assert resume_request(None, {"TORCHELASTIC_RESTART_COUNT": "0"}) is None
@@ -115,6 +115,6 @@ def test_elastic_restart_resumes_like_a_requeue():
 
 
 def test_any_rank_is_the_local_flag_in_one_process():
-    from qlaunch.callbacks import any_rank
+    from qlaunch.train.callbacks import any_rank
 
     assert any_rank(True, "cpu") is True and any_rank(False, "cpu") is False

@@ -7,11 +7,12 @@ import os
 import pytest
 
 import qlaunch
+from qlaunch.config import files
+from qlaunch.config.errors import UsageError
 from qlaunch.data import cache, tokenize
 from qlaunch.data.dataset import LazyDataset, TokenizedDataset, build_dataset, build_on_main_first
 from qlaunch.data.formats import load_samples
 from qlaunch.data.tokenize import TokenizeStats, tokenize_messages_per_sample
-from qlaunch.errors import UsageError
 
 SYS = "You are a helpful assistant."
 
@@ -147,7 +148,7 @@ def test_changing_any_key_rebuilds(tokenizer, data, tmp_path, calls, monkeypatch
 
 
 def test_the_key_is_stable_across_tokenizer_loads(demo, data):
-    from qlaunch.model import load_tokenizer
+    from qlaunch.model.load import load_tokenizer
 
     parts = [cache.key_parts(data, load_tokenizer(demo["model"]), max_length=128, truncation="truncate",
                              system_message=SYS) for _ in range(2)]
@@ -235,15 +236,15 @@ def test_lazy_preprocess_is_not_cached(tokenizer, data, tmp_path, calls):
 def test_cache_dir_resolution_and_checks(tmp_path):
     from huggingface_hub import constants
 
-    assert cache.resolve_cache_dir(None) == os.path.join(constants.HF_HOME, "qlaunch", "tokenized")
-    assert cache.resolve_cache_dir("auto") == cache.resolve_cache_dir(None)
+    assert files.resolve_cache_dir(None) == os.path.join(constants.HF_HOME, "qlaunch", "tokenized")
+    assert files.resolve_cache_dir("auto") == files.resolve_cache_dir(None)
     for off in ("none", "None", "off"):
-        assert cache.resolve_cache_dir(off) is None
-    assert cache.resolve_cache_dir(str(tmp_path / "x")) == str(tmp_path / "x")
+        assert files.resolve_cache_dir(off) is None
+    assert files.resolve_cache_dir(str(tmp_path / "x")) == str(tmp_path / "x")
     (tmp_path / "file").write_text("")
-    assert "is not a directory" in cache.cache_dir_problem(str(tmp_path / "file"))
-    assert cache.cache_dir_problem(str(tmp_path / "new" / "dir")) is None
-    assert cache.cache_dir_problem("none") is None
+    assert "is not a directory" in files.cache_dir_problem(str(tmp_path / "file"))
+    assert files.cache_dir_problem(str(tmp_path / "new" / "dir")) is None
+    assert files.cache_dir_problem("none") is None
 
 
 def test_cache_dir_that_is_a_file_is_refused_before_anything_loads(demo, tmp_path):

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from qlaunch.config.errors import UsageError
 from qlaunch.data.formats import load_samples, to_messages
-from qlaunch.errors import UsageError
 
 SYS = "You are a helpful assistant."
 

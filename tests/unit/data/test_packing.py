@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from qlaunch.data.collate import PaddingCollator
 from qlaunch.data.dataset import build_dataset
+from qlaunch.data.labels import IGNORE_INDEX
 from qlaunch.data.packing import PackedDataset, first_fit_decreasing
-from qlaunch.data.tokenize import IGNORE_INDEX
 
 SYS = "You are a helpful assistant."
 
@@ -85,8 +85,8 @@ def test_packing_flag_trains_and_logs_rows(demo, tmp_path, caplog):
 
 
 def test_packing_refuses_lazy_and_group_by_length(demo):
-    from qlaunch.config import parse_namespace
-    from qlaunch.validate import check_arguments
+    from qlaunch.config.arguments import parse_namespace
+    from qlaunch.config.validate import check_arguments
 
     base = ["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--packing", "True"]
     assert any("remove --lazy_preprocess" in p for p in check_arguments(parse_namespace(base + ["--lazy_preprocess",

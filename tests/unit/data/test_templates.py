@@ -8,7 +8,9 @@ import os
 
 import pytest
 
-from qlaunch.data.tokenize import IGNORE_INDEX, ensure_chat_template, tokenize_messages
+from qlaunch.data.labels import IGNORE_INDEX
+from qlaunch.data.templates import ensure_chat_template
+from qlaunch.data.tokenize import tokenize_messages
 from tests.conftest import REPO
 
 MODELS = os.path.join(os.path.dirname(REPO), "shared", "models")

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from qlaunch.data.formats import to_messages
-from qlaunch.data.tokenize import IGNORE_INDEX, TokenizeStats, tokenize_messages
-from qlaunch.train import make_collator
+from qlaunch.data.labels import IGNORE_INDEX
+from qlaunch.data.tokenize import TokenizeStats, tokenize_messages
+from qlaunch.train.trainer import make_collator
 
 SYS = "You are a helpful assistant."
 
@@ -192,7 +193,7 @@ def test_collator_pads_right_to_longest_or_multiple(tokenizer):
 def test_template_that_rewrites_history_is_refused(tokenizer):
     import pytest
 
-    from qlaunch.errors import UsageError
+    from qlaunch.config.errors import UsageError
 
     tok = copy.deepcopy(tokenizer)
     # Drops earlier assistant turns once a newer one exists (as reasoning-model templates do).
@@ -211,15 +212,12 @@ def test_template_that_rewrites_history_is_refused(tokenizer):
 import os  # noqa: E402
 import random  # noqa: E402
 
-from qlaunch.data.tokenize import (  # noqa: E402
-    _labels_by_bisect,
-    _labels_by_scan,
-    tokenize_batch,
-    tokenize_messages_per_sample,
-)
+from tests.conftest import REPO  # noqa: E402
 
-MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "..", "shared",
-                      "models")
+from qlaunch.data.labels import labels_by_bisect, labels_by_scan
+from qlaunch.data.tokenize import tokenize_batch, tokenize_messages_per_sample
+
+MODELS = os.path.join(REPO, "..", "shared", "models")
 
 
 def random_conversations(n, seed=0):
@@ -267,7 +265,7 @@ def test_batch_equals_per_sample_on_other_templates(tokenizer, template):
 def test_batch_equals_per_sample_on_real_tokenizers(name):
     from transformers import AutoTokenizer
 
-    from qlaunch.data.tokenize import ensure_chat_template
+    from qlaunch.data.templates import ensure_chat_template
 
     path = os.path.join(MODELS, name)
     if not os.path.isdir(path):
@@ -283,7 +281,7 @@ def test_batch_equals_per_sample_on_real_tokenizers(name):
 
 
 def test_template_error_in_a_batch_names_the_problem(tokenizer):
-    from qlaunch.errors import UsageError
+    from qlaunch.config.errors import UsageError
 
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = "{% for m in messages %}{% if m['content'] == 'bad' %}{{ raise_exception('no bad') }}{% endif %}" \
@@ -312,4 +310,4 @@ def test_bisect_labels_equal_the_token_scan_on_any_offsets():
             spans.append((start, end))
             pos = end
         ids = list(range(100, 100 + n))
-        assert _labels_by_bisect(ids, offsets, spans) == _labels_by_scan(ids, offsets, spans), (offsets, spans)
+        assert labels_by_bisect(ids, offsets, spans) == labels_by_scan(ids, offsets, spans), (offsets, spans)

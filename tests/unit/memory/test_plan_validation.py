@@ -8,7 +8,8 @@ Int4 runs from 1024-2048 tokens on); see the README's planning section.
 """
 import pytest
 
-from qlaunch.plan import planned, prepare_plan
+from qlaunch.memory.fit import planned
+from qlaunch.plan import prepare_plan
 from tests.model_dims import config_dir
 
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192)

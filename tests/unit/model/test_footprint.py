@@ -5,10 +5,10 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "bench"))
 from nf4_bits import quantize  # noqa: E402
 
-from qlaunch.footprint import linear4bit_storage, quantized_storage  # noqa: E402
+from qlaunch.model.footprint import linear4bit_storage, quantized_storage
 
 # The NF4 code book from the QLoRA paper (Dettmers et al. 2023, appendix E).
 NF4_CODE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

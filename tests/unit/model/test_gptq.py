@@ -9,7 +9,7 @@ gptqmodel = pytest.importorskip("gptqmodel", reason="GPTQ tests need gptqmodel: 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 from qlaunch.cli import fit, prepare  # noqa: E402
-from qlaunch.errors import UsageError  # noqa: E402
+from qlaunch.config.errors import UsageError
 
 pytestmark = pytest.mark.gptq
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -17,7 +17,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 @pytest.fixture(scope="module")
 def gptq_model(demo, tmp_path_factory):
-    from qlaunch.testing.gptq import make_gptq_checkpoint
+    from qlaunch.model.gptq_pack import make_gptq_checkpoint
 
     return make_gptq_checkpoint(demo["model"], str(tmp_path_factory.mktemp("gptq") / "model"))
 
@@ -59,7 +59,7 @@ def test_adapter_reload_on_fresh_gptq_base_reproduces_logits(gptq_run, gptq_mode
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlaunch.gptq import gptq_training_config, pin_training_kernels
+    from qlaunch.model.gptq import gptq_training_config, pin_training_kernels
 
     trainer, out = gptq_run
     ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -79,7 +79,7 @@ def test_no_grad_eval_probe_before_training_is_guarded(gptq_model):
     """STACK trap: a no-grad eval forward repacks the kernel for inference; we refuse to train on it."""
     from transformers import AutoModelForCausalLM
 
-    from qlaunch.gptq import gptq_training_config, pin_training_kernels
+    from qlaunch.model.gptq import gptq_training_config, pin_training_kernels
 
     probe = AutoModelForCausalLM.from_pretrained(gptq_model, quantization_config=gptq_training_config(),
                                                  device_map={"": "cpu"}, dtype=torch.float32).eval()
@@ -93,7 +93,7 @@ def test_pinned_model_still_has_gradients_after_an_eval_forward(gptq_model):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qlaunch.gptq import gptq_training_config, pin_training_kernels
+    from qlaunch.model.gptq import gptq_training_config, pin_training_kernels
 
     model = AutoModelForCausalLM.from_pretrained(gptq_model, quantization_config=gptq_training_config(),
                                                  device_map={"": "cpu"}, dtype=torch.float32)
@@ -129,8 +129,7 @@ def test_gptq_flag_on_plain_checkpoint(demo, tmp_path):
 
 
 def test_chat_on_gptq_adapter(gptq_run):
-    from qlaunch.adapters import load_for_inference
-    from qlaunch.chat import reply
+    from qlaunch.model.inference import load_for_inference, reply
 
     _, out = gptq_run
     model, tokenizer = load_for_inference(adapter=str(out))
@@ -141,9 +140,9 @@ def test_chat_on_gptq_adapter(gptq_run):
 def test_gptq_without_optimum_gives_install_command(gptq_model, demo, monkeypatch):
     import importlib.util
 
-    from qlaunch.config import parse_namespace
-    from qlaunch.machine import CPU
-    from qlaunch.validate import validate_args
+    from qlaunch.config.arguments import parse_namespace
+    from qlaunch.config.machine import CPU
+    from qlaunch.config.validate import validate_args
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optimum" else real(name, *a))

@@ -1,4 +1,4 @@
-"""The hand-packed GPTQ v1 Int4 test checkpoint (qlaunch.testing.gptq).
+"""The hand-packed GPTQ v1 Int4 test checkpoint (qlaunch.model.gptq_pack).
 
 Writing a checkpoint needs only torch; the tests that *load* it need gptqmodel + optimum and are
 marked ``gptq`` (skipped, with the reason, when those are not installed).
@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from qlaunch.testing.gptq import dequantize_gptq_v1, make_gptq_checkpoint, pack_gptq_v1, quantize_rtn_sym
+from qlaunch.model.gptq_pack import dequantize_gptq_v1, make_gptq_checkpoint, pack_gptq_v1, quantize_rtn_sym
 
 HAVE_GPTQ_STACK = importlib.util.find_spec("gptqmodel") is not None and importlib.util.find_spec("optimum") is not None
 needs_gptqmodel = pytest.mark.skipif(

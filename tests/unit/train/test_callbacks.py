@@ -2,12 +2,10 @@
 import math
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
-from transformers import TrainerControl, TrainerState
-
-from qlaunch.callbacks import NonFiniteLossGuard
 from qlaunch.cli import prepare, run
+from qlaunch.train.callbacks import NonFiniteLossGuard
 
 
 def test_guard_stops_on_nan_and_explains():

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qlaunch.checkpoints import STAGING, newest_complete_checkpoint
 from qlaunch.cli import fit, prepare
+from qlaunch.train.checkpoints import STAGING, newest_complete_checkpoint
 
 
 def args(demo, out, *extra):
@@ -38,7 +38,7 @@ def test_checkpoints_are_renamed_into_place_and_rotated(trained):
 
 
 def test_final_adapter_verifies_and_corruption_is_caught(trained, tmp_path):
-    from qlaunch.verify import verify_saved_adapter
+    from qlaunch.train.verify import verify_saved_adapter
 
     outcome, out = trained
     model = outcome.trainer.model
@@ -69,7 +69,7 @@ def test_final_adapter_verifies_and_corruption_is_caught(trained, tmp_path):
 
 def test_a_corrupted_final_save_fails_the_run_with_exit_1(demo, tmp_path, monkeypatch):
     """The file is damaged between writing and the rename (a disk or filesystem fault): exit code 1."""
-    from qlaunch import checkpoints
+    from qlaunch.train import checkpoints
 
     real = checkpoints.fsync_tree
 
@@ -127,8 +127,8 @@ def test_killed_after_the_last_checkpoint_resumes_without_an_extra_step(demo, tm
 
 
 def test_staged_output_moves_a_complete_result_and_leaves_nothing_of_a_failed_one(tmp_path, monkeypatch):
-    from qlaunch import checkpoints
-    from qlaunch.checkpoints import staged_output
+    from qlaunch.train import checkpoints
+    from qlaunch.train.checkpoints import staged_output
 
     out = tmp_path / "model"
     with staged_output(str(out)) as staged:

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from qlaunch.cli import fit, prepare
-from qlaunch.data.tokenize import IGNORE_INDEX
-from qlaunch.loss import labelled_logits_unsupported, labelled_positions
+from qlaunch.data.labels import IGNORE_INDEX
+from qlaunch.train.loss import labelled_logits_unsupported, labelled_positions
 
 I = IGNORE_INDEX
 
@@ -141,9 +141,9 @@ def test_training_with_gradient_accumulation_equals_the_full_logits_path(demo, t
 def test_eval_loss_equals_the_full_path_and_metrics_get_full_logits(demo, tmp_path):
     """Trainer.evaluate: the same eval loss on both paths; with compute_metrics the logits handed
     over keep their (batch, sequence, vocab) shape."""
-    from qlaunch.model import load_tokenizer
-    from qlaunch.train import build_trainer
     from qlaunch.cli import load_datasets, load_model
+    from qlaunch.model.load import load_tokenizer
+    from qlaunch.train.trainer import build_trainer
 
     config = prepare(["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--eval_data_path",
                       demo["eval"], "--output_dir", str(tmp_path), *FAST, "--eval_strategy", "no"])

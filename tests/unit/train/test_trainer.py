@@ -149,7 +149,7 @@ def test_fp4_and_modules_to_save(demo, tmp_path):
 def test_run_report_has_throughput_memory_and_lr_axis(lora_run):
     import matplotlib.image
 
-    from qlaunch.report import loss_figure
+    from qlaunch.train.report import loss_figure
 
     trainer, out = lora_run
     metrics = json.loads((out / "metrics.json").read_text())

@@ -1,0 +1,47 @@
+"""Rendezvous: torchrun's flags for one node, many nodes, restarts and SLURM, and the loopback
+environment of a one-process run that has no launcher."""
+from __future__ import annotations
+
+import socket
+
+
+def is_loopback(addr: str) -> bool:
+    return addr.startswith("127.") or addr in ("localhost", "::1")
+
+def rendezvous(env: dict, nnodes: int, nproc: int, *, restarts: int, c10d: bool, endpoint: tuple[str, int] | None,
+               node_rank: int | None, rdzv_id: str, is_host: bool | None = None) -> tuple[list[str], dict]:
+    """torchrun's rendezvous flags and the env they need. endpoint None: --standalone."""
+    flags = [f"--nnodes={nnodes}", f"--nproc_per_node={nproc}"]
+    extra_env = {}
+    if endpoint is None:
+        flags.append("--standalone")  # torchrun's own single-node c10d store on a free port
+    elif c10d:
+        flags += ["--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint[0]}:{endpoint[1]}", f"--rdzv_id={rdzv_id}"]
+        if is_host is not None:
+            flags.append(f"--rdzv_conf=is_host={int(is_host)}")
+    else:
+        flags += [f"--node_rank={node_rank}", f"--master_addr={endpoint[0]}", f"--master_port={endpoint[1]}"]
+    if c10d or endpoint is None:
+        flags.append(f"--max_restarts={restarts}")
+        # Workers re-using the rendezvous TCPStore can read the previous attempt's keys after a
+        # restart and hang in init_process_group (pytorch#135712); give them their own store.
+        extra_env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    if endpoint is not None and is_loopback(endpoint[0]):
+        flags.append("--local_addr=127.0.0.1")  # advertise loopback; else torch uses socket.getfqdn()
+    return flags, extra_env
+
+def single_process_env(env: dict, port: int) -> dict:
+    """The variables a launcher would give one process, on loopback; {} under a launcher.
+
+    finetune.py applies this at startup when --deepspeed is given without torchrun/deepspeed/srun:
+    otherwise DeepSpeed falls back to mpi4py and takes MASTER_ADDR from `hostname -I`.
+    """
+    if any(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return {}
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": env.get("MASTER_PORT") or str(port)}
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]

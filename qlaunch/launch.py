@@ -1,0 +1,152 @@
+"""python -m qlaunch.launch (console script `qlaunch-launch`): the launch command, built in Python.
+
+The flags are parsed here; `qlaunch.cluster.plan.plan(args, env, facts)` turns them, the
+environment and the machine facts into the command; `main()` prints the exact command and execs
+it (`QLAUNCH_PRINT_ONLY=1` stops after printing). The scripts in launch/ are one-line wrappers;
+the .sbatch files keep only SLURM's lines (the #SBATCH header, srun, the signal handling).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from qlaunch.cluster.facts import LaunchError, detect_facts
+from qlaunch.cluster.plan import METHODS, MODES, SCRIPT_SUFFIX, plan
+
+ENVIRONMENT = """\
+Environment:
+  NNODES (1)  NODE_RANK (0)  MASTER_ADDR (127.0.0.1 on one node; required with NNODES>1)
+  MASTER_PORT (on one node: torchrun --standalone picks a free port; 29500 with NNODES>1)
+  GPUS_PER_NODE   processes per node on GPU machines (default: nvidia-smi -L, respecting
+                  CUDA_VISIBLE_DEVICES)
+  NPROC_PER_NODE  processes per node, overrides everything (without a GPU: CPU processes
+                  with gloo, default 1; finetune.py sets use_cpu and gloo itself)
+  MAX_RESTARTS    torchrun --max_restarts; > 0 switches to c10d rendezvous (RDZV_ID names it)
+  PYTHON          interpreter (default: the one running this launcher)
+  OMP_NUM_THREADS on CPU defaults to CPUs / processes per node
+  QLAUNCH_PRINT_ONLY=1  print the command and exit without running it"""
+SLURM_HELP = """
+SLURM: sbatch [--nodes=N] [--gres=gpu:G] [--cpus-per-task=C] [--exclusive] launch/METHOD_slurm.sbatch -m MODEL -d DATA [...]
+  srun starts this launcher once per node (--ntasks-per-node=1, --cpus-per-task passed on).
+  c10d rendezvous on the NodeAddr of the first host of the allocation (override: RDZV_HOST,
+  RDZV_PORT; an inherited MASTER_ADDR/MASTER_PORT/NNODES is ignored); the node with
+  SLURM_NODEID=0 hosts the store (is_host), so it does not depend on interface matching.
+  RDZV id = job id. Processes per node: NPROC_PER_NODE, else GPUS_PER_NODE, else
+  SLURM_GPUS_ON_NODE, else nvidia-smi -L, else 1 (CPU; OMP_NUM_THREADS = SLURM_CPUS_ON_NODE /
+  processes). Preemption: SLURM sends SIGUSR1 120 s before the end (--signal=USR1@120);
+  finetune.py checkpoints, stops and requeues the job (--requeue); a requeued run
+  (SLURM_RESTART_COUNT>0) gets --resume_from_checkpoint auto."""
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """`Usage:` and `-m, --model PATH_OR_ID`, as the scripts' help always read."""
+
+    def add_usage(self, usage, actions, groups, prefix=None):
+        return super().add_usage(usage, actions, groups, "Usage: " if prefix is None else prefix)
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        metavar = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return f"{', '.join(action.option_strings)} {metavar}"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise LaunchError(message)
+
+
+def make_parser(method: str = "qlora", mode: str = "dist", prog: str | None = None) -> argparse.ArgumentParser:
+    prog = prog or f"{method}_{SCRIPT_SUFFIX[mode]}"
+    parser = _Parser(
+        prog=prog, formatter_class=_Formatter, add_help=False, allow_abbrev=False,
+        usage=f"{prog} -m MODEL -d DATA [options] [-- FINETUNE_FLAGS...]\n"
+              f"       {prog} -c RECIPE.yaml [options] [-- FINETUNE_FLAGS...]",
+        description=f"{METHODS[method]} fine-tuning with finetune.py; {MODES[mode]}.",
+        epilog=ENVIRONMENT + (SLURM_HELP if mode == "slurm" else ""),
+    )
+    parser.add_argument("-m", "--model", metavar="PATH_OR_ID", help="base model (--model_name_or_path)")
+    parser.add_argument("-d", "--data", metavar="PATH", help="training data .json/.jsonl (--data_path)")
+    parser.add_argument("-c", "--config", metavar="RECIPE.yaml",
+                        help=f"recipe (keys = finetune.py flags); replaces recipes/{method}-default.yaml")
+    parser.add_argument("--deepspeed", metavar="CONFIG",
+                        help="DeepSpeed JSON (ds_configs/zero{2,3}[_offload].json), or 'none' (default: "
+                             f"{'ds_configs/zero2.json' if mode != 'single' else 'none'})")
+    parser.add_argument("-o", "--output_dir", "--output-dir", dest="output_dir", metavar="DIR",
+                        help=f"adapter, checkpoints and report (default: output_{method}, or the recipe's with -c)")
+    parser.add_argument("--method", choices=tuple(METHODS), default=method, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=tuple(MODES), default=mode, help=argparse.SUPPRESS)
+    parser.add_argument("-h", "--help", action="store_true", help="this help")
+    parser.add_argument("finetune_args", nargs="*", metavar="-- FINETUNE_FLAGS",
+                        help="everything after -- goes to finetune.py verbatim (the last value of a flag wins)")
+    return parser
+
+
+def method_and_mode(argv: list[str], method: str, mode: str) -> tuple[str, str]:
+    """--method / --mode as given by a wrapper script (they decide the defaults shown in --help)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default=method)
+    pre.add_argument("--mode", default=mode)
+    known, _ = pre.parse_known_args(argv[: argv.index("--")] if "--" in argv else argv)
+    return (known.method if known.method in METHODS else method, known.mode if known.mode in MODES else mode)
+
+
+def parse(argv: list[str], method: str = "qlora", mode: str = "dist") -> argparse.Namespace:
+    """The launcher's flags; everything after `--` is kept verbatim for finetune.py."""
+    argv = list(argv)
+    extra: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, extra = argv[:at], argv[at + 1:]
+    args = make_parser(*method_and_mode(argv, method, mode)).parse_args(argv)
+    if args.help:
+        return args
+    if args.finetune_args:
+        raise LaunchError(f"unexpected argument: {args.finetune_args[0]} (finetune.py flags go after --)")
+    for flag in ("model", "data", "config", "deepspeed", "output_dir"):
+        if getattr(args, flag) == "":
+            raise LaunchError(f"option --{flag} needs a non-empty value")
+    if not args.config:
+        if not args.model:
+            raise LaunchError("-m/--model is required (or give a recipe with -c)")
+        if not args.data:
+            raise LaunchError("-d/--data is required (or give a recipe with -c)")
+    args.finetune_args = extra
+    return args
+
+def note(message: str) -> None:
+    print(f"[qlaunch {time.strftime('%Y-%m-%d %H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+def main(argv: list[str] | None = None, method: str = "qlora", mode: str = "dist") -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    env = dict(os.environ)
+    try:
+        args = parse(argv, method, mode)
+        if args.help:
+            make_parser(args.method, args.mode).print_help()
+            sys.exit(0)
+        python = env.get("PYTHON") or sys.executable
+        launch_plan = plan(args, env, detect_facts(env, args.mode), python)
+    except LaunchError as e:
+        parser = make_parser(*method_and_mode(argv, method, mode))
+        print("\n".join(f"{parser.prog}: {p}" for p in e.problems), file=sys.stderr)
+        print(file=sys.stderr)
+        parser.print_help(sys.stderr)
+        sys.exit(2)
+    for line in launch_plan.notes:
+        note(line)
+    print(launch_plan.command_line(), file=sys.stderr, flush=True)
+    if env.get("QLAUNCH_PRINT_ONLY") == "1":
+        sys.exit(0)
+    env.update(launch_plan.env)
+    # Tools the run spawns (ninja for DeepSpeed's JIT ops, torchrun's workers) come from the
+    # interpreter's environment first, as if it were activated.
+    bindir = os.path.dirname(launch_plan.argv[0])
+    if bindir:
+        env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
+    os.execvpe(launch_plan.argv[0], launch_plan.argv, env)
+
+
+if __name__ == "__main__":
+    main()

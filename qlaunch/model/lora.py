@@ -1,0 +1,90 @@
+"""Attach LoRA to a loaded base: which projections to adapt, k-bit preparation, and parameter counts."""
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from transformers import PreTrainedModel
+
+from qlaunch.config.checkpoint import GPTQ_EMBEDDINGS
+from qlaunch.config.errors import UsageError
+
+log = logging.getLogger("qlaunch")
+
+
+def is_linear_like(module: torch.nn.Module) -> bool:
+    # bnb Linear4bit subclasses nn.Linear; GPTQ quant-linear layers hold a packed `qweight`.
+    return isinstance(module, torch.nn.Linear) or hasattr(module, "qweight")
+
+
+def detect_lora_targets(model: torch.nn.Module) -> list[str]:
+    """Names of every linear projection inside the repeated decoder blocks (never lm_head)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, module in model.named_modules():
+        if module is output or not is_linear_like(module):
+            continue
+        if re.search(r"\.\d+\.", name):  # inside a ModuleList of blocks, e.g. model.layers.3.mlp.up_proj
+            names.add(name.rsplit(".", 1)[-1])
+    if not names:
+        raise UsageError(
+            "found no linear projections inside decoder blocks to adapt; pass --lora_target_modules explicitly."
+        )
+    return sorted(names)
+
+
+def attach_lora(model: PreTrainedModel, lora_args, *, quant_method: str | None, gradient_checkpointing: bool):
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if quant_method == "gptq" and lora_args.lora_modules_to_save:
+        raise UsageError(GPTQ_EMBEDDINGS.format(modules=" ".join(lora_args.lora_modules_to_save)))
+
+    if quant_method is not None:
+        # Freezes the base, upcasts norms, and enables input grads + checkpointing (non-reentrant).
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        # With a frozen base, checkpointed blocks need an input that requires grad.
+        model.enable_input_require_grads()
+
+    if lora_args.lora_weight_path:
+        log.info("Continuing training of the adapter in %s", lora_args.lora_weight_path)
+        return PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
+
+    targets = lora_args.lora_target_modules or detect_lora_targets(model)
+    log.info("LoRA target modules: %s", ", ".join(targets))
+    config = LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=targets,
+        bias=lora_args.lora_bias,
+        modules_to_save=lora_args.lora_modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def upcast_trainable_fp16(model: torch.nn.Module) -> int:
+    """fp16 trainable parameters → float32 (fp16 mixed precision cannot update fp16 weights). Returns how many."""
+    count = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.float16:
+            param.data = param.data.float()
+            count += 1
+    return count
+
+
+def numel(param: torch.Tensor) -> int:
+    # Under ZeRO-3 a partitioned parameter is an empty placeholder; ds_numel is its real size.
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
+    return trainable, total

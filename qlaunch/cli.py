@@ -223,7 +223,7 @@ def fit(config, extra_callbacks=()) -> Outcome:
     from qlaunch.model.load import load_tokenizer
     from qlaunch.train.callbacks import NonFiniteLossGuard, PreemptionCallback
     from qlaunch.train.metrics import RunClock
-    from qlaunch.train.trainer import build_trainer, requeue_if_slurm, resolve_resume, resume_request, train_or_finish
+    from qlaunch.train.trainer import agreed_resume, build_trainer, requeue_if_slurm, resume_request, train_or_finish
 
     targs = config.training
     for note in config.notes:
@@ -242,7 +242,7 @@ def fit(config, extra_callbacks=()) -> Outcome:
     trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset,
                             [preemption, guard, clock, *extra_callbacks])
     info = describe_run(config, trainer, model, targets)
-    resume = resolve_resume(resume_request(targs.resume_from_checkpoint, os.environ), targs.output_dir)
+    resume = agreed_resume(resume_request(targs.resume_from_checkpoint, os.environ), targs.output_dir)
     result = train_or_finish(trainer, resume)
 
     if guard.bad_step is not None:
@@ -272,26 +272,46 @@ def run(config, extra_callbacks=()) -> int:
     return fit(config, extra_callbacks).exit_code
 
 
+def rank_prog(env=os.environ) -> str:
+    """finetune.py, with the rank when there are several: every rank's error names its rank."""
+    world = int(env.get("WORLD_SIZE", "1"))
+    return f"finetune.py (rank {env.get('RANK', '0')} of {world})" if world > 1 else "finetune.py"
+
+
 def main(argv=None, extra_callbacks=()) -> None:
     """Exit codes: 0 done (or preempted and checkpointed), 1 non-finite loss or failed verification,
-    2 bad input, 3 out of GPU memory."""
+    2 bad input, 3 out of GPU memory.
+
+    Problems found while validating are the same on every rank: local rank 0 prints them. An error
+    during the run can be one rank's own (its node's disk, its GPU's memory): every rank prints it,
+    named by its rank — otherwise torchrun shows only an exit code for ranks other than 0."""
     import torch
 
-    from qlaunch.memory import fit
+    from qlaunch.memory import fit as memory_fit
 
     setup_logging()
     config = None
+    local_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0
     try:
         config = prepare(argv, process_env=True)
         code = run(config, extra_callbacks)
     except UsageError as e:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        if config is not None:
+            print(e.render(rank_prog()), file=sys.stderr)
+        elif local_zero:
             print(e.render(), file=sys.stderr)
         sys.exit(2)
     except torch.OutOfMemoryError as e:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(fit.oom_report(config, e, fit.device_memory()), file=sys.stderr)
-        sys.exit(fit.EXIT_CODE)
+        if local_zero:
+            print(memory_fit.oom_report(config, e, memory_fit.device_memory()), file=sys.stderr)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            print(f"{rank_prog()}: error: out of GPU memory ({str(e).splitlines()[0][:160]})", file=sys.stderr)
+        sys.exit(memory_fit.EXIT_CODE)
+    except Exception as e:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one line naming the rank, then the traceback
+            print(f"{rank_prog()}: error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+                  file=sys.stderr, flush=True)
+        raise
     sys.exit(code)
 
 

@@ -153,8 +153,28 @@ def resolve_deepspeed(ns: argparse.Namespace, settings: Settings) -> None:
                               f"{storage} (--bnb_4bit_quant_storage) so ZeRO-3 can shard them.")
 
 
+LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")  # set by torchrun, srun-per-GPU setups, deepspeed
+
+
+def launcherless_multi_gpu(machine: Machine, env, *, deepspeed: bool, dry_run: bool) -> str | None:
+    """One process on a host with several visible GPUs: transformers then sets n_gpu to the GPU count
+    and runs nn.DataParallel (GPU 0 takes a 4-bit base's whole batch; the labelled-logits loss's 1-D
+    shift_labels split into chunks that match no replica). One-process DeepSpeed gets a world of one
+    from finetune.py and uses one GPU, so it is not refused; a dry run trains nothing."""
+    if not machine.cuda or machine.device_count < 2 or deepspeed or dry_run:
+        return None
+    if any(name in env for name in LAUNCHER_VARIABLES):
+        return None
+    return (f"{machine.device_count} GPUs are visible and no launcher started this process: one process would "
+            "drive them all (DataParallel). Start one process per GPU with bash launch/qlora_ds.sh (or "
+            "launch/lora_ds.sh, torchrun), or use one GPU: CUDA_VISIBLE_DEVICES=0 python finetune.py ...")
+
+
 def resolve_distributed(ns: argparse.Namespace, settings: Settings, machine: Machine, env=os.environ) -> None:
     training, use_lora = settings.training, settings.lora.get("use_lora", ns.use_lora)
+    problem = launcherless_multi_gpu(machine, env, deepspeed=bool(ns.deepspeed), dry_run=bool(ns.dry_run))
+    if problem:
+        settings.problems.append(problem)
     if not machine.cuda:
         training["use_cpu"] = True  # without it, torchrun workers train independent world-size-1 copies
         if world_size(env) > 1 and not ns.ddp_backend:

@@ -75,6 +75,41 @@ def resolve_resume(resume_from_checkpoint, output_dir: str):
     return resume_from_checkpoint
 
 
+def unseen_checkpoint_problem(checkpoint: str | None, seen: list[bool]) -> str | None:
+    """The refusal when some ranks cannot see the checkpoint rank 0 chose (seen[r]: rank r sees it)."""
+    missing = [rank for rank, ok in enumerate(seen) if not ok]
+    if checkpoint is None or not missing:
+        return None
+    ranks = f"rank {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    return (f"--resume_from_checkpoint: {ranks} cannot see {checkpoint!r}, which rank 0 resumes from (a "
+            "node-local --output_dir, or a shared filesystem that lags): put --output_dir on storage every "
+            "node sees, or copy the checkpoint to the same path on every node.")
+
+
+def agreed_resume(request, output_dir: str):
+    """One rank decides, all follow: rank 0 resolves the checkpoint (resolve_resume) and every rank
+    resumes from its answer. A rank that chose by itself could restart at step 0 beside ranks at step
+    N (node-local directories, NFS lag): learning rates differ, weights drift, the run hangs at the end.
+    Every rank that cannot see the chosen checkpoint makes all of them refuse together (UsageError)."""
+    import torch.distributed as dist
+
+    from qlaunch.config.errors import UsageError
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        choice = resolve_resume(request, output_dir)
+        seen = [choice is None or os.path.isdir(choice)]
+    else:
+        box = [resolve_resume(request, output_dir) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        choice = box[0]
+        seen = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, choice is None or os.path.isdir(choice))
+    problem = unseen_checkpoint_problem(choice, seen)
+    if problem:
+        raise UsageError(problem)
+    return choice
+
+
 def finished_checkpoint(checkpoint: str | None) -> bool:
     """Whether the checkpoint is the run's last step (its trainer state reached max_steps)."""
     if not checkpoint:

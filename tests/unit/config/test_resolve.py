@@ -118,3 +118,18 @@ def test_any_rank_is_the_local_flag_in_one_process():
     from qlaunch.train.callbacks import any_rank
 
     assert any_rank(True, "cpu") is True and any_rank(False, "cpu") is False
+
+
+def test_one_process_on_a_multi_gpu_host_is_refused_with_the_launcher_command(demo):
+    """transformers would run DataParallel over every visible GPU; decided from the machine's facts
+    and the environment, so GPU hosts are tested here by passing their facts in."""
+    eight, one = gpu((8, 0), "A100", count=8), gpu((8, 0), "A100", count=1)
+    problems = resolve(ns(demo, "--q_lora"), eight, env={}).problems
+    assert problems == [p for p in problems if p.startswith("8 GPUs are visible and no launcher")] and problems
+    assert "launch/qlora_ds.sh" in problems[0] and "CUDA_VISIBLE_DEVICES=0" in problems[0]
+    for launched in ({"WORLD_SIZE": "8", "RANK": "3", "LOCAL_RANK": "3"}, {"LOCAL_RANK": "0"}):
+        assert not resolve(ns(demo, "--q_lora"), eight, env=launched).problems
+    assert not resolve(ns(demo, "--q_lora"), one, env={}).problems  # CUDA_VISIBLE_DEVICES=0: one GPU seen
+    assert not resolve(ns(demo, "--q_lora", "--deepspeed", ZERO2), eight, env={}).problems  # world of one
+    assert not resolve(ns(demo, "--q_lora", "--dry_run", "True"), eight, env={}).problems
+    assert not resolve(ns(demo, "--q_lora"), CPU, env={}).problems

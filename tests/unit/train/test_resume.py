@@ -2,6 +2,7 @@
 import os
 import signal
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -48,3 +49,24 @@ def test_preempt_then_resume_matches_uninterrupted_run(demo, tmp_path):
 def test_auto_resume_without_checkpoint_starts_fresh(demo, tmp_path):
     trainer = fit(prepare(args(demo, tmp_path, "--resume_from_checkpoint", "auto", "--max_steps", "2"))).trainer
     assert trainer.state.global_step == 2
+
+
+def test_ranks_that_cannot_see_rank_0s_checkpoint_are_named():
+    from qlaunch.train.trainer import unseen_checkpoint_problem
+
+    assert unseen_checkpoint_problem(None, [True, False]) is None  # a fresh start needs nothing
+    assert unseen_checkpoint_problem("out/checkpoint-2", [True, True, True]) is None
+    one = unseen_checkpoint_problem("out/checkpoint-2", [True, False, True])
+    assert one.startswith("--resume_from_checkpoint: rank 1 cannot see 'out/checkpoint-2'")
+    many = unseen_checkpoint_problem("out/checkpoint-2", [True, True, False, False, False])
+    assert "rank 2 and 2 more cannot see" in many
+
+
+def test_one_process_resolves_and_checks_the_resume_checkpoint_itself(tmp_path):
+    from qlaunch.config.errors import UsageError
+    from qlaunch.train.trainer import agreed_resume
+
+    assert agreed_resume(None, str(tmp_path)) is None
+    assert agreed_resume("auto", str(tmp_path)) is None  # nothing to resume from: a fresh start
+    with pytest.raises(UsageError, match="rank 0 cannot see"):
+        agreed_resume(str(tmp_path / "missing"), str(tmp_path))

@@ -183,7 +183,7 @@ def test_max_restarts_c10d_restarts_a_killed_worker_and_resumes(launch_demo, run
     os.kill(victim, signal.SIGKILL)
     finish(run, proc, timeout=600).check()
     assert "--rdzv_backend=c10d" in run.text and "--max_restarts=1" in run.text
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" in (REPO / "qlaunch" / "launch.py").read_text()
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" in (REPO / "qlaunch" / "cluster" / "rendezvous.py").read_text()
     assert re.search(r"Resuming from .*checkpoint-\d+", run.text), run.tail()
     assert "Elastic restart 1: resuming from the newest checkpoint" in run.text, run.tail()
     info = run.run_info()

@@ -8,23 +8,16 @@ validate.py; nothing here mutates the parsed arguments.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from qlaunch.config.engine import GPTQ_ZERO3, deepspeed_config_warnings, read_json_config, zero_stage
 from qlaunch.config.errors import UsageError
 from qlaunch.config.machine import Machine
 from qlaunch.config.precision import Precision, resolve_precision
-
-GPTQ_ZERO3 = (
-    "--deepspeed with ZeRO-3 cannot shard a GPTQ Int4 base: its packed int32 weights are buffers that "
-    "ZeRO-3 does not partition, and gptqmodel kernels need them whole. Use ds_configs/zero2.json "
-    "(a 4-bit 7B base fits one GPU; ZeRO-2 shards the optimizer state and gradients)."
-)
-
 
 @dataclass
 class Settings:
@@ -55,55 +48,6 @@ class Settings:
 
 def world_size(env=os.environ) -> int:
     return int(env.get("WORLD_SIZE", "1"))
-
-
-def read_deepspeed_config(ds) -> dict:
-    if isinstance(ds, str):
-        try:
-            if ds.lstrip().startswith("{"):
-                return json.loads(ds)
-            with open(ds) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
-    return ds if isinstance(ds, dict) else {}
-
-
-def zero_stage(ds: dict) -> int:
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    return int(stage) if str(stage).isdigit() else 0
-
-
-def deepspeed_config_warnings(ds: dict, optim: str = "adamw_torch") -> list[str]:
-    """A DeepSpeed JSON's scheduler/optimizer blocks silently replace the user's flags: say so.
-
-    An optimizer block is needed for optimizer offload (DeepSpeed's CPU Adam runs the step), as in
-    ds_configs/zero*_offload.json: with every parameter "auto" (filled from --learning_rate,
-    --adam_beta1/2, --adam_epsilon, --weight_decay) and an AdamW --optim, it changes nothing the
-    user asked for, so it is not warned about."""
-    warnings = []
-    if "scheduler" in ds:
-        kind = ds["scheduler"].get("type", "?") if isinstance(ds["scheduler"], dict) else "?"
-        warnings.append(
-            f"the DeepSpeed config has a scheduler block ({kind}): it overrides --lr_scheduler_type and "
-            "--warmup_steps. Remove the block (as in ds_configs/) to use your flags."
-        )
-    if "optimizer" in ds:
-        block = ds["optimizer"] if isinstance(ds["optimizer"], dict) else {}
-        kind = block.get("type", "?")
-        fixed = sorted(k for k, v in (block.get("params") or {}).items() if v != "auto")
-        if fixed:
-            warnings.append(f"the DeepSpeed config's optimizer block ({kind}) fixes {', '.join(fixed)}: these "
-                            "override your flags. Set them to \"auto\" to use --learning_rate, --weight_decay ….")
-        if not str(optim).startswith("adamw_torch") or not offloads_optimizer(ds):
-            warnings.append(f"the DeepSpeed config has an optimizer block ({kind}): it overrides --optim {optim}"
-                            + ("." if offloads_optimizer(ds) else "; remove the block (as in ds_configs/zero2.json)."))
-    return warnings
-
-
-def offloads_optimizer(ds: dict) -> bool:
-    offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
-    return isinstance(offload, dict) and offload.get("device") in ("cpu", "nvme")
 
 
 def model_path(ns: argparse.Namespace) -> str | None:
@@ -138,7 +82,7 @@ def resolve_quantization(ns: argparse.Namespace, path: str | None, settings: Set
 
 
 def resolve_deepspeed(ns: argparse.Namespace, settings: Settings) -> None:
-    ds_config = read_deepspeed_config(ns.deepspeed)
+    ds_config = read_json_config(ns.deepspeed)
     settings.warnings += deepspeed_config_warnings(ds_config, str(getattr(ns.optim, "value", ns.optim)))
     if zero_stage(ds_config) != 3:
         return

@@ -54,6 +54,7 @@ class Job:
     logits_fraction: float = 1.0  # share of positions whose logits are computed
     checkpointing: bool = True
     attention: str = "sdpa"  # sdpa | flash_attention_2 | eager
+    engine: str = "ddp"  # ddp | deepspeed | fsdp2 (qlaunch.config.engine)
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False

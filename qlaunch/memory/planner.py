@@ -106,11 +106,10 @@ def logits_fraction(args, stats: dict | None) -> float:
 
 
 def build_job(args, settings, target: Target, seq_len: int, logits_share: float = 1.0):
-    from qlaunch.config.resolve import offloads_optimizer, read_deepspeed_config, zero_stage
+    from qlaunch.config.engine import engine_of
     from qlaunch.memory.estimate import Job
 
-    ds = read_deepspeed_config(args.deepspeed) if getattr(args, "deepspeed", None) else {}
-    offload_params = ((ds.get("zero_optimization") or {}).get("offload_param") or {}).get("device") in ("cpu", "nvme")
+    engine = engine_of(getattr(args, "deepspeed", None), getattr(args, "fsdp_config", None))
     return Job(
         quant=settings.quant_method,
         double_quant=bool(args.bnb_4bit_use_double_quant),
@@ -128,9 +127,10 @@ def build_job(args, settings, target: Target, seq_len: int, logits_share: float 
         logits_fraction=logits_share,
         checkpointing=bool(args.activation_checkpointing or getattr(args, "gradient_checkpointing", False)),
         attention=args.attn_implementation or "sdpa",
-        zero_stage=zero_stage(ds),
-        offload_optimizer=offloads_optimizer(ds),
-        offload_params=offload_params,
+        engine=engine.name,
+        zero_stage=engine.zero_stage,
+        offload_optimizer=engine.offload_optimizer,
+        offload_params=engine.offload_params,
         world_size=target.world_size,
         cuda=bool(target.machine.cuda),
     )

@@ -7,7 +7,8 @@ import torch
 
 from qlaunch.config.arguments import parse_namespace
 from qlaunch.config.machine import CPU, gpu
-from qlaunch.config.resolve import deepspeed_config_warnings, resolve
+from qlaunch.config.engine import deepspeed_config_warnings
+from qlaunch.config.resolve import resolve
 from tests.conftest import REPO
 
 A100, V100 = gpu((8, 0), "A100"), gpu((7, 0), "V100")

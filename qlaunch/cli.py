@@ -156,18 +156,23 @@ def describe_run(config, trainer, model, targets) -> dict:
 
 
 def verify_final_save(config, trainer) -> str | None:
-    """Read the saved adapter back (main process); every rank learns the verdict. None if fine."""
+    """Read the saved adapter back (main process); every rank learns the verdict. None if fine.
+    Under ZeRO-3 and FSDP2 the adapter is gathered first (collective) and no probe forward is run
+    (a forward is collective there, and the frozen base is sharded too)."""
     from qlaunch.train.callbacks import any_rank
 
     problems = []
     if config.lora.use_lora:
+        from qlaunch.train.fsdp import full_adapter_state
         from qlaunch.train.verify import full_trainable_parameters, verify_saved_adapter
 
         zero3 = is_zero3(config.training)
+        expected = full_adapter_state(trainer.model) if trainer.is_fsdp_enabled else None
         with full_trainable_parameters(trainer.model, zero3):
             if trainer.is_world_process_zero():
                 problems = verify_saved_adapter(trainer.model, config.training.output_dir,
-                                                compare_logits=not zero3)
+                                                compare_logits=not (zero3 or trainer.is_fsdp_enabled),
+                                                expected=expected)
     if any_rank(bool(problems), trainer.args.device):
         return ("the saved adapter does not match the trained model: " + " ".join(problems)
                 if problems else "the saved adapter failed verification on the main process.")

@@ -73,6 +73,8 @@ def make_parser(method: str = "qlora", mode: str = "dist", prog: str | None = No
     parser.add_argument("--deepspeed", metavar="CONFIG",
                         help="DeepSpeed JSON (ds_configs/zero{2,3}[_offload].json), or 'none' (default: "
                              f"{'ds_configs/zero2.json' if mode != 'single' else 'none'})")
+    parser.add_argument("--fsdp", metavar="CONFIG",
+                        help="FSDP2 JSON (fsdp_configs/fsdp2[_offload].json): shard the model with FSDP2, no DeepSpeed")
     parser.add_argument("-o", "--output_dir", "--output-dir", dest="output_dir", metavar="DIR",
                         help=f"adapter, checkpoints and report (default: output_{method}, or the recipe's with -c)")
     parser.add_argument("--method", choices=tuple(METHODS), default=method, help=argparse.SUPPRESS)
@@ -104,7 +106,7 @@ def parse(argv: list[str], method: str = "qlora", mode: str = "dist") -> argpars
         return args
     if args.finetune_args:
         raise LaunchError(f"unexpected argument: {args.finetune_args[0]} (finetune.py flags go after --)")
-    for flag in ("model", "data", "config", "deepspeed", "output_dir"):
+    for flag in ("model", "data", "config", "deepspeed", "fsdp", "output_dir"):
         if getattr(args, flag) == "":
             raise LaunchError(f"option --{flag} needs a non-empty value")
     if not args.config:

@@ -32,7 +32,7 @@ def checkout_file(*parts: str) -> str | None:
     path = ROOT.joinpath(*parts)
     return str(path) if path.is_file() else None
 
-def finetune_argv(args: argparse.Namespace, env: dict, deepspeed: str | None) -> list[str]:
+def finetune_argv(args: argparse.Namespace, env: dict, deepspeed: str | None, fsdp: str | None = None) -> list[str]:
     """finetune.py and its arguments, in the documented order; -- arguments last so they win."""
     script = checkout_file("finetune.py")
     ft = [script] if script else ["-m", "qlaunch.cli"]  # torchrun and python both take -m
@@ -49,28 +49,41 @@ def finetune_argv(args: argparse.Namespace, env: dict, deepspeed: str | None) ->
         ft += ["--output_dir", out]
     if deepspeed:
         ft += ["--deepspeed", deepspeed]
+    if fsdp:
+        ft += ["--fsdp_config", fsdp]
     if args.mode == "slurm" and env.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
         ft += ["--resume_from_checkpoint", "auto"]
     return ft + list(args.finetune_args)
 
-def plan(args: argparse.Namespace, env: dict, facts: Facts, python: str = sys.executable) -> LaunchPlan:
-    """The command to exec for these flags, environment and machine. Raises LaunchError."""
+def engine_configs(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(DeepSpeed config, FSDP2 config): --fsdp CONFIG uses FSDP2 and no DeepSpeed; otherwise
+    --deepspeed, whose default off `single` mode is ds_configs/zero2.json (none outside a checkout)."""
+    fsdp = getattr(args, "fsdp", None)
+    if fsdp:
+        if args.deepspeed not in (None, "none"):
+            raise LaunchError("--fsdp and --deepspeed: one engine shards the model; pass one of them.")
+        return None, fsdp
     deepspeed = args.deepspeed
     if deepspeed is None and args.mode != "single":
-        deepspeed = checkout_file("ds_configs", "zero2.json")  # None outside a checkout: plain DDP
-    deepspeed = None if deepspeed == "none" else deepspeed
+        deepspeed = checkout_file("ds_configs", "zero2.json")
+    return (None if deepspeed == "none" else deepspeed), None
+
+
+def plan(args: argparse.Namespace, env: dict, facts: Facts, python: str = sys.executable) -> LaunchPlan:
+    """The command to exec for these flags, environment and machine. Raises LaunchError."""
+    deepspeed, fsdp = engine_configs(args)
     from qlaunch.config.files import config_file_problems
 
     # The same check finetune.py makes, made here too so that N processes are not started for it.
-    problems = config_file_problems(args.config, deepspeed)
+    problems = config_file_problems(args.config, deepspeed, fsdp)
     if problems:
         raise LaunchError(problems)
-    ft = finetune_argv(args, env, deepspeed)
+    ft = finetune_argv(args, env, deepspeed, fsdp)
     restarts_text = env.get("MAX_RESTARTS", "0") or "0"
     if not restarts_text.isdigit():
         raise LaunchError(f"MAX_RESTARTS must be a number, got '{restarts_text}'")
     restarts = int(restarts_text)
-    ds = deepspeed or "none"
+    ds = (deepspeed or "none") + (f" fsdp={fsdp}" if fsdp else "")
 
     if args.mode == "single":
         out = LaunchPlan([python, *ft])

@@ -12,6 +12,10 @@ GPTQ_ZERO3 = (
     "ZeRO-3 does not partition, and gptqmodel kernels need them whole. Use ds_configs/zero2.json "
     "(a 4-bit 7B base fits one GPU; ZeRO-2 shards the optimizer state and gradients)."
 )
+GPTQ_FSDP = (
+    "--fsdp_config with a GPTQ Int4 base: its packed int32 weights are buffers that FSDP2 does not shard, "
+    "and gptqmodel kernels need them whole. Use DDP or ds_configs/zero2.json (a 4-bit 7B base fits one GPU)."
+)
 
 
 @dataclass(frozen=True)

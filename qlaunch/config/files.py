@@ -19,23 +19,26 @@ def file_problem(path: str) -> str | None:
     return None
 
 
-def config_file_problems(config: str | None, deepspeed) -> list[str]:
-    """--config and --deepspeed files that cannot be read; a DeepSpeed JSON that does not parse."""
+def config_file_problems(config: str | None, deepspeed, fsdp_config=None) -> list[str]:
+    """--config, --deepspeed and --fsdp_config files that cannot be read; engine JSON that does not parse."""
     problems = []
     if config and file_problem(config):
         problems.append(f"--config: {file_problem(config)} Pass the path of a YAML recipe (see recipes/).")
-    if deepspeed and isinstance(deepspeed, str):
-        if deepspeed.lstrip().startswith("{"):
-            text, where = deepspeed, "inline JSON"
-        elif file_problem(deepspeed):
-            problems.append(f"--deepspeed: {file_problem(deepspeed)} Pass a DeepSpeed JSON (see ds_configs/).")
-            return problems
+    for flag, value, where in (("deepspeed", deepspeed, "a DeepSpeed JSON (see ds_configs/)"),
+                               ("fsdp_config", fsdp_config, "an FSDP2 JSON (see fsdp_configs/)")):
+        if not value or not isinstance(value, str):
+            continue
+        if value.lstrip().startswith("{"):
+            text, source = value, "inline JSON"
+        elif file_problem(value):
+            problems.append(f"--{flag}: {file_problem(value)} Pass {where}.")
+            continue
         else:
-            text, where = open(deepspeed, encoding="utf-8", errors="replace").read(), deepspeed
+            text, source = open(value, encoding="utf-8", errors="replace").read(), value
         try:
             json.loads(text)
         except json.JSONDecodeError as e:
-            problems.append(f"--deepspeed {where}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).")
+            problems.append(f"--{flag} {source}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).")
     return problems
 
 

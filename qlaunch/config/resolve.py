@@ -14,7 +14,15 @@ from typing import Any
 
 import torch
 
-from qlaunch.config.engine import GPTQ_ZERO3, deepspeed_config_warnings, read_json_config, zero_stage
+from qlaunch.config.engine import (
+    GPTQ_FSDP,
+    GPTQ_ZERO3,
+    Engine,
+    deepspeed_config_warnings,
+    engine_of,
+    read_json_config,
+    zero_stage,
+)
 from qlaunch.config.errors import UsageError
 from qlaunch.config.machine import Machine
 from qlaunch.config.precision import Precision, resolve_precision
@@ -27,6 +35,7 @@ class Settings:
     precision: Precision | None = None
     load_dtype: torch.dtype | None = None  # the base's dtype at load (None: the compute dtype)
     fp32_trainables: bool = False  # upcast fp16 trainable parameters after LoRA is attached
+    engine: Engine = field(default_factory=Engine)  # DDP, DeepSpeed ZeRO-n or FSDP2: what is sharded
     model: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -81,6 +90,25 @@ def resolve_quantization(ns: argparse.Namespace, path: str | None, settings: Set
         settings.problems.append(GPTQ_EMBEDDINGS.format(modules=" ".join(ns.lora_modules_to_save)))
 
 
+def shard_4bit_storage(ns: argparse.Namespace, settings: Settings, engine: str) -> None:
+    """ZeRO-3 and FSDP2 shard parameters; bitsandbytes' packed 4-bit weights shard with the rest only
+    when stored in a floating dtype (transformers/peft's recipe): the compute dtype, unless chosen.
+    FSDP2 leaves uint8 storage out of sharding (accelerate puts such Params4bit in ignored_params):
+    every rank would keep the whole 4-bit base."""
+    if settings.quant_method not in ("nf4", "fp4"):
+        return
+    if ns.bnb_4bit_quant_storage in ("uint8", "int8"):
+        settings.problems.append(f"--bnb_4bit_quant_storage {ns.bnb_4bit_quant_storage} with {engine}: packed 4-bit "
+                                 "weights in an integer dtype are not sharded; remove the flag (qlaunch stores them "
+                                 "in the compute dtype) or pass bfloat16/float16/float32.")
+        return
+    if not ns.bnb_4bit_quant_storage:
+        storage = str(settings.compute_dtype).replace("torch.", "")
+        settings.lora["bnb_4bit_quant_storage"] = storage
+        settings.notes.append(f"{engine} with {settings.quant_method.upper()}: 4-bit weights stored as "
+                              f"{storage} (--bnb_4bit_quant_storage) so {engine} can shard them.")
+
+
 def resolve_deepspeed(ns: argparse.Namespace, settings: Settings) -> None:
     ds_config = read_json_config(ns.deepspeed)
     settings.warnings += deepspeed_config_warnings(ds_config, str(getattr(ns.optim, "value", ns.optim)))
@@ -88,13 +116,43 @@ def resolve_deepspeed(ns: argparse.Namespace, settings: Settings) -> None:
         return
     if settings.quant_method == "gptq":
         settings.problems.append(GPTQ_ZERO3)
-    elif settings.quant_method in ("nf4", "fp4") and not ns.bnb_4bit_quant_storage:
-        # ZeRO-3 flattens and shards parameters of one dtype; packed 4-bit weights stored
-        # as the compute dtype can be sharded like the rest (transformers/peft's recipe).
-        storage = str(settings.compute_dtype).replace("torch.", "")
-        settings.lora["bnb_4bit_quant_storage"] = storage
-        settings.notes.append(f"ZeRO-3 with {settings.quant_method.upper()}: 4-bit weights stored as "
-                              f"{storage} (--bnb_4bit_quant_storage) so ZeRO-3 can shard them.")
+    else:
+        shard_4bit_storage(ns, settings, "ZeRO-3")
+
+
+def resolve_fsdp(ns: argparse.Namespace, settings: Settings, env=os.environ) -> None:
+    """--fsdp_config CONFIG turns FSDP2 on by itself (fully_shard through the Trainer's accelerate
+    integration); qlaunch sets what else the Trainer needs."""
+    if not ns.fsdp_config:
+        if ns.fsdp:
+            settings.problems.append(f"--fsdp {ns.fsdp}: qlaunch turns FSDP2 on from its config; pass "
+                                     "--fsdp_config fsdp_configs/fsdp2.json instead.")
+        return
+    if ns.deepspeed:
+        settings.problems.append("--fsdp_config and --deepspeed: one engine shards the model; pass one of them.")
+        return
+    config = read_json_config(ns.fsdp_config)
+    version = str(config.get("version", config.get("fsdp_version", 2)))
+    if version != "2":
+        settings.problems.append(f"--fsdp_config: version {version}: qlaunch trains with FSDP2 (torch's fully_shard); "
+                                 "set \"version\": 2 (see fsdp_configs/fsdp2.json).")
+    if str(config.get("activation_checkpointing", False)).lower() == "true":
+        settings.problems.append("--fsdp_config: activation_checkpointing true: FSDP's checkpoint wrapper renames the "
+                                 "modules peft looks the adapter up by, and the saved adapter would be empty; set it "
+                                 "false and use --gradient_checkpointing (the Trainer's, qlaunch's default).")
+    state_dict = str(config.get("state_dict_type", config.get("fsdp_state_dict_type", "FULL_STATE_DICT")))
+    if state_dict != "FULL_STATE_DICT":
+        settings.problems.append(f"--fsdp_config: state_dict_type {state_dict}: qlaunch saves the adapter gathered "
+                                 "(FULL_STATE_DICT; the Trainer writes no weights otherwise). The adapter and its "
+                                 "optimizer state are small; set \"state_dict_type\": \"FULL_STATE_DICT\".")
+    if settings.quant_method == "gptq":
+        settings.problems.append(GPTQ_FSDP)
+    else:
+        shard_4bit_storage(ns, settings, "FSDP2")
+    if world_size(env) < 2 and not ns.dry_run:
+        settings.problems.append("--fsdp_config: FSDP2 shards across processes, and this is one: start 2 or more "
+                                 "with a launcher (bash launch/qlora_ds.sh --fsdp fsdp_configs/fsdp2.json ...).")
+    settings.training["fsdp"] = True
 
 
 LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")  # set by torchrun, srun-per-GPU setups, deepspeed
@@ -187,8 +245,10 @@ def resolve(ns: argparse.Namespace, machine: Machine, env=os.environ) -> Setting
     settings.warnings += precision.warnings
     settings.training.update(fp16=precision.fp16, bf16=precision.bf16, tf32=precision.tf32)
 
+    settings.engine = engine_of(ns.deepspeed, ns.fsdp_config)
     if ns.deepspeed:
         resolve_deepspeed(ns, settings)
+    resolve_fsdp(ns, settings, env)
     resolve_distributed(ns, settings, machine, env)
     resolve_fp16_trainables(ns, settings)
     if ns.warmup_ratio is not None and 0 <= ns.warmup_ratio < 1:

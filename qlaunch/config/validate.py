@@ -37,7 +37,7 @@ def _check_paths(ns: argparse.Namespace, problems: list[str]) -> None:
             f"--lora_weight_path: no adapter_config.json in {ns.lora_weight_path!r}; "
             "pass a directory written by a LoRA run (its --output_dir)."
         )
-    problems.extend(config_file_problems(ns.config, ns.deepspeed))
+    problems.extend(config_file_problems(ns.config, ns.deepspeed, ns.fsdp_config))
 
 
 def _check_values(ns: argparse.Namespace, problems: list[str]) -> None:

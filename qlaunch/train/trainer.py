@@ -12,6 +12,7 @@ from transformers import Trainer
 
 from qlaunch.data.collate import PaddingCollator, flattens_packed_rows
 from qlaunch.train.checkpoints import AtomicCheckpointMixin, newest_complete_checkpoint
+from qlaunch.train.fsdp import CpuFsdp2Mixin
 from qlaunch.train.loss import LabelledLogitsMixin, labelled_logits_unsupported
 from qlaunch.train.metrics import TrainedTokenCountMixin
 
@@ -26,9 +27,10 @@ def make_collator(tokenizer, on_gpu: bool, attn_implementation: str | None = Non
                            flatten_packed=flattens_packed_rows(attn_implementation))
 
 
-class QlaunchTrainer(AtomicCheckpointMixin, TrainedTokenCountMixin, LabelledLogitsMixin, Trainer):
+class QlaunchTrainer(CpuFsdp2Mixin, AtomicCheckpointMixin, TrainedTokenCountMixin, LabelledLogitsMixin, Trainer):
     """transformers' Trainer with atomic checkpoints (qlaunch/train/checkpoints.py), a count of the
-    trained tokens (qlaunch/train/metrics.py) and logits only at labelled positions (qlaunch/train/loss.py)."""
+    trained tokens (qlaunch/train/metrics.py), logits only at labelled positions (qlaunch/train/loss.py)
+    and FSDP2 on CPU worlds as on GPUs (qlaunch/train/fsdp.py)."""
 
 
 def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, callbacks=()):
@@ -126,7 +128,7 @@ def train_or_finish(trainer, resume: str | None):
     """trainer.train(), except when resuming from the run's last checkpoint (killed between the
     last checkpoint and the final save): transformers would then train one step past max_steps.
     The checkpoint's weights and state are loaded instead, and the run goes on to its final save."""
-    if finished_checkpoint(resume) and not trainer.is_deepspeed_enabled:
+    if finished_checkpoint(resume) and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
         from transformers.trainer_callback import TrainerState
         from transformers.trainer_utils import TrainOutput
 
@@ -163,6 +165,7 @@ def run_info(config, trainer, trainable: int, total: int, targets) -> dict:
         "distributed": str(args.parallel_mode),
         "ddp_backend": args.ddp_backend,
         "deepspeed": bool(args.deepspeed),
+        "engine": config.settings.engine.label if config.settings else "DDP",
         "base_model": config.model.model_name_or_path,
         "trust_remote_code": config.model.trust_remote_code,  # chat / evaluate / merge need it too
         "data_path": os.path.abspath(config.data.data_path) if config.data.data_path else None,  # merge probes

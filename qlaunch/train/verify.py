@@ -43,11 +43,13 @@ def full_trainable_parameters(model, partitioned: bool):
         yield
 
 
-def verify_saved_adapter(model, output_dir: str, *, compare_logits: bool = True) -> list[str]:
+def verify_saved_adapter(model, output_dir: str, *, compare_logits: bool = True, expected: dict | None = None
+                         ) -> list[str]:
     """Problems with output_dir/adapter_model.safetensors as a copy of `model`'s adapter ([] if none).
 
-    compare_logits False: under ZeRO-3 a forward pass is collective and the frozen base is sharded
-    too, so only names, shapes and values are checked (inside full_trainable_parameters)."""
+    compare_logits False: under ZeRO-3 and FSDP2 a forward pass is collective and the frozen base is
+    sharded too, so only names, shapes and values are checked (inside full_trainable_parameters, or
+    against `expected`: the adapter's tensors gathered beforehand, qlaunch.train.fsdp)."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -58,7 +60,13 @@ def verify_saved_adapter(model, output_dir: str, *, compare_logits: bool = True)
         saved = load_file(path)
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
         return [f"{path} cannot be read back ({type(e).__name__}: {e}); the file is truncated or corrupt."]
-    expected = get_peft_model_state_dict(model)
+    if expected is None:
+        expected = get_peft_model_state_dict(model)
+    if not expected and any(p.requires_grad for p in model.parameters()):
+        # peft finds the adapter by module names; a wrapper that renames them (FSDP's checkpoint
+        # wrapper) makes it find nothing, and an empty file would then "match" an empty expectation.
+        return [f"peft finds no adapter tensors in the trained model, though it has trainable parameters: "
+                f"{path} would hold no weights."]
     problems = []
     missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing:

@@ -1,0 +1,43 @@
+"""FSDP2 through the Trainer's accelerate integration: the two things it lacks here, nothing more.
+
+- On CPU worlds (use_cpu + gloo, every test of this project) accelerate turns a multi-process run
+  into FSDP only for accelerator device types (accelerate/state.py: MULTI_GPU, MULTI_NPU, MULTI_XPU,
+  …): a MULTI_CPU world silently drops the FSDP plugin and trains DDP. The mixin puts the plugin back,
+  in AcceleratorState and in PartialState's shared state (every later AcceleratorState() copies that
+  shared state back, which would revert it before the save). On GPUs accelerate does this itself.
+- The adapter's full tensors for the read-back check: FSDP2 holds each rank's shard as a DTensor.
+"""
+from __future__ import annotations
+
+
+def fsdp_plugin_dropped(distributed_type: str, fsdp_requested: bool) -> bool:
+    """Whether accelerate dropped a requested FSDP plugin: only a CPU world (MULTI_CPU) is left out."""
+    return bool(fsdp_requested) and distributed_type == "MULTI_CPU"
+
+
+class CpuFsdp2Mixin:
+    """Trainer mixin: FSDP2 on a CPU world, as accelerate sets it up on GPUs."""
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        kind = getattr(state.distributed_type, "value", str(state.distributed_type))
+        requested = self.args.fsdp_plugin_args is not None and getattr(state, "fsdp_plugin", None) is None
+        if not fsdp_plugin_dropped(kind, requested):
+            return
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.is_fsdp_enabled = True
+
+
+def full_adapter_state(model) -> dict:
+    """The adapter's tensors, whole: DTensor shards gathered (collective: every rank must call)."""
+    from peft import get_peft_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    return {name: (t.full_tensor() if isinstance(t, DTensor) else t)
+            for name, t in get_peft_model_state_dict(model).items()}

@@ -185,3 +185,23 @@ def test_finetune_sets_the_single_process_deepspeed_env_itself(demo, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "single process with DeepSpeed: RANK=0 LOCAL_RANK=0 WORLD_SIZE=1" in r.stderr
     assert "MASTER_ADDR=127.0.0.1" in r.stderr
+
+
+def test_fsdp_config_replaces_deepspeed_on_eight_gpus_and_slurm():
+    fsdp = str(ROOT / "fsdp_configs" / "fsdp2.json")
+    p = make(["-m", "M", "-d", "D", "--fsdp", fsdp], {}, GPU_BOX)
+    args = torchrun_args(p.argv)
+    assert args.nproc_per_node == "8"
+    ft = finetune_part(p.argv)
+    assert ft[ft.index("--fsdp_config") + 1] == fsdp and "--deepspeed" not in ft
+    assert any(f"fsdp={fsdp}" in n for n in p.notes)
+    slurm = make(["-m", "M", "-d", "D", "--fsdp", fsdp],
+                 {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1"}, GPU_BOX, mode="slurm")
+    ft = finetune_part(slurm.argv)
+    assert ft[ft.index("--fsdp_config") + 1] == fsdp and "--deepspeed" not in ft
+    with pytest.raises(LaunchError, match="one engine"):
+        make(["-m", "M", "-d", "D", "--fsdp", fsdp, "--deepspeed", ZERO2], {}, GPU_BOX)
+    assert "--fsdp_config" in finetune_part(make(["-m", "M", "-d", "D", "--fsdp", fsdp, "--deepspeed", "none"],
+                                                 {}, GPU_BOX).argv)
+    with pytest.raises(LaunchError, match="--fsdp_config: file not found"):
+        make(["-m", "M", "-d", "D", "--fsdp", "nope.json"], {}, GPU_BOX)

@@ -134,3 +134,56 @@ def test_one_process_on_a_multi_gpu_host_is_refused_with_the_launcher_command(de
     assert not resolve(ns(demo, "--q_lora", "--deepspeed", ZERO2), eight, env={}).problems  # world of one
     assert not resolve(ns(demo, "--q_lora", "--dry_run", "True"), eight, env={}).problems
     assert not resolve(ns(demo, "--q_lora"), CPU, env={}).problems
+
+
+FSDP2 = os.path.join(REPO, "fsdp_configs", "fsdp2.json")
+TWO = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+
+
+def write_json(tmp_path, name, payload):
+    path = tmp_path / name
+    path.write_text(json.dumps(payload))
+    return str(path)
+
+
+def test_fsdp_config_turns_fsdp2_on_and_shards_nf4_in_the_compute_dtype(demo):
+    for machine, storage in ((A100, "bfloat16"), (V100, "float16"), (CPU, "float32")):
+        settings = resolve(ns(demo, "--q_lora", "--fsdp_config", FSDP2), machine, env=TWO)
+        assert not settings.problems, settings.problems
+        assert settings.training["fsdp"] is True and settings.engine.name == "fsdp2"
+        assert settings.engine.shards_parameters and settings.engine.label == "FSDP2"
+        assert settings.lora["bnb_4bit_quant_storage"] == storage
+    chosen = resolve(ns(demo, "--q_lora", "--fsdp_config", FSDP2, "--bnb_4bit_quant_storage", "float32"), A100, env=TWO)
+    assert "bnb_4bit_quant_storage" not in chosen.lora and not chosen.problems
+    offload = resolve(ns(demo, "--use_lora", "--fsdp_config", os.path.join(REPO, "fsdp_configs", "fsdp2_offload.json")),
+                      A100, env=TWO)
+    assert offload.engine.offload_params and offload.engine.label == "FSDP2 + CPU offload"
+
+
+@pytest.mark.parametrize("extra, config, problem", [
+    (["--deepspeed", ZERO2], None, "--fsdp_config and --deepspeed: one engine"),
+    ([], {"version": 1}, "version 1: qlaunch trains with FSDP2"),
+    ([], {"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}, "state_dict_type SHARDED_STATE_DICT"),
+    ([], {"version": 2, "activation_checkpointing": True}, "activation_checkpointing true"),
+    (["--bnb_4bit_quant_storage", "uint8"], None, "--bnb_4bit_quant_storage uint8 with FSDP2"),
+])
+def test_fsdp_refusals_name_the_problem_and_the_fix(demo, tmp_path, extra, config, problem):
+    path = write_json(tmp_path, "fsdp.json", config) if config else FSDP2
+    problems = resolve(ns(demo, "--q_lora", "--fsdp_config", path, *extra), A100, env=TWO).problems
+    assert len(problems) == 1 and problem in problems[0], problems
+
+
+def test_fsdp_needs_processes_and_refuses_gptq(demo, tmp_path):
+    one = resolve(ns(demo, "--q_lora", "--fsdp_config", FSDP2), A100, env={}).problems
+    assert len(one) == 1 and "FSDP2 shards across processes, and this is one" in one[0]
+    assert not resolve(ns(demo, "--q_lora", "--fsdp_config", FSDP2, "--dry_run", "True"), A100, env={}).problems
+    bare = resolve(ns(demo, "--use_lora", "--fsdp", "full_shard"), A100, env=TWO).problems
+    assert len(bare) == 1 and "pass --fsdp_config fsdp_configs/fsdp2.json" in bare[0]
+    with open(os.path.join(demo["model"], "config.json")) as f:
+        config = json.load(f)
+    (tmp_path / "gptq").mkdir()  # what resolve reads of a GPTQ checkpoint: its config.json
+    write_json(tmp_path / "gptq", "config.json", {**config, "quantization_config": {"quant_method": "gptq", "bits": 4}})
+    gptq = parse_namespace(["--model_name_or_path", str(tmp_path / "gptq"), "--data_path", demo["train"], "--q_lora",
+                            "--fsdp_config", FSDP2])
+    problems = resolve(gptq, A100, env=TWO).problems
+    assert any("GPTQ Int4 base: its packed int32 weights" in p for p in problems), problems

@@ -66,6 +66,14 @@ def test_final_adapter_verifies_and_corruption_is_caught(trained, tmp_path):
     save_file(tensors, str(dropped / "adapter_model.safetensors"), metadata={"format": "pt"})
     assert any("missing" in p for p in verify_saved_adapter(model, str(dropped)))
 
+    # What FSDP's checkpoint wrapper did: peft found no adapter, the file held none, and "nothing
+    # missing, nothing extra" passed. An empty expectation beside trainable parameters fails now.
+    empty = tmp_path / "empty"
+    shutil.copytree(out, empty, ignore=shutil.ignore_patterns("checkpoint-*"))
+    save_file({}, str(empty / "adapter_model.safetensors"), metadata={"format": "pt"})
+    [problem] = verify_saved_adapter(model, str(empty), expected={})
+    assert "peft finds no adapter tensors" in problem
+
 
 def test_a_corrupted_final_save_fails_the_run_with_exit_1(demo, tmp_path, monkeypatch):
     """The file is damaged between writing and the rename (a disk or filesystem fault): exit code 1."""

@@ -179,3 +179,13 @@ def test_report_to_tensorboard_writes_the_loss_events(demo, tmp_path):
     losses = [e.value for e in accumulator.Scalars("train/loss")]
     assert losses == pytest.approx(losses_of := [h["loss"] for h in trainer.state.log_history if "loss" in h], rel=1e-5)
     assert len(losses_of) == 3
+
+
+def test_the_fsdp_plugin_is_restored_only_where_accelerate_drops_it():
+    """accelerate sets up FSDP itself for accelerator worlds; only a CPU world (MULTI_CPU) loses the plugin."""
+    from qlaunch.train.fsdp import fsdp_plugin_dropped
+
+    assert fsdp_plugin_dropped("MULTI_CPU", True)
+    for gpu_world in ("MULTI_GPU", "FSDP", "MULTI_XPU", "MULTI_NPU"):
+        assert not fsdp_plugin_dropped(gpu_world, True)
+    assert not fsdp_plugin_dropped("MULTI_CPU", False)  # no FSDP asked for: DDP stays

@@ -2,8 +2,8 @@
 
 When QLAUNCH_TEST_DUMP_DIR is set, `transformers.Trainer.save_model` is wrapped so that, after
 the normal save, each process writes {name: tensor} of its model's trainable parameters to
-$QLAUNCH_TEST_DUMP_DIR/rank{RANK}.pt. Under ZeRO-3 the partitioned parameters are gathered
-first (a collective: save_model runs on every rank). The tests compare the ranks' files to
+$QLAUNCH_TEST_DUMP_DIR/rank{RANK}.pt, with the bytes of parameter storage it holds. Under ZeRO-3
+and FSDP2 the partitioned parameters are gathered first (a collective: save_model runs on every rank). The tests compare the ranks' files to
 prove the processes really trained one model together.
 
 The wrap is installed lazily by an import hook on `transformers.trainer`, so processes that
@@ -35,10 +35,26 @@ def _dump(trainer) -> None:
 
         ctx = contextlib.nullcontext()
     with ctx:
-        state = {n: p.detach().to("cpu", copy=True).float() for n, p in params}
+        state = {n: _full(p).detach().to("cpu", copy=True).float() for n, p in params}
+    local, full = _param_bytes(model)
     os.makedirs(out_dir, exist_ok=True)
-    torch.save({"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "state": state},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "state": state,
+                "local_param_bytes": local, "full_param_bytes": full}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _full(p):
+    """FSDP2 parameters are DTensor shards: the whole tensor (collective; save_model runs on every rank)."""
+    return p.full_tensor() if type(p).__name__ == "DTensor" else p
+
+
+def _param_bytes(model) -> tuple[int, int]:
+    """(bytes of parameter storage this rank holds, bytes of the whole parameters): FSDP2 holds 1/N."""
+    local = full = 0
+    for p in model.parameters():
+        shard = p._local_tensor if type(p).__name__ == "DTensor" else p
+        local += shard.numel() * shard.element_size()
+        full += p.numel() * p.element_size()
+    return local, full
 
 
 def _patch(module) -> None:

@@ -70,6 +70,8 @@ class Plan:
     counts: dict = field(default_factory=dict)
     peak_phase: str = ""
     peak_bytes: int = 0
+    load: dict = field(default_factory=dict)  # bytes per device while the model loads, by part
+    load_bytes: int = 0
 
 
 def nf4_bytes(n: int, double_quant: bool) -> float:
@@ -177,7 +179,12 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
     h, layers, c = shape.hidden, shape.layers, job.compute_bytes
     kbit = job.quant in ("nf4", "fp4")
     deepspeed = job.zero_stage > 0
+    fsdp = job.engine == "fsdp2"
     n = max(job.world_size, 1)
+    # FSDP2 (full shard) holds 1/N of every parameter, gradient and optimizer state; with CPU offload
+    # the shards live in host memory and only the gathered units come to the device.
+    shard = 1 / n if fsdp else 1.0
+    on_device = 0.0 if (fsdp and job.offload_params) else 1.0
 
     # Base weights. Non-quantized parameters (embeddings, lm_head, norms, biases): peft's
     # prepare_model_for_kbit_training upcasts them to fp32 for bnb, not for GPTQ (peft skips it);
@@ -194,7 +201,7 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
     else:
         other_bytes = job.base_bytes
         base = shape.total_params * job.base_bytes
-    frozen_share = 1 / n if job.zero_stage == 3 else 1.0
+    frozen_share = 1 / n if (job.zero_stage == 3 or fsdp) else 1.0
 
     # Trainable parameters and their dtype.
     if job.use_lora:
@@ -210,7 +217,7 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
         matrices = [(lin.n_out, lin.n_in) for lin in shape.block] * layers
 
     p = plan.persistent
-    p["base weights"] = base * frozen_share if job.use_lora else 0
+    p["base weights"] = base * frozen_share * on_device if job.use_lora else 0
     if deepspeed:
         # ZeRO (mixed precision): 16-bit params (partitioned at stage 3), 16-bit grads (partitioned
         # from stage 2), fp32 master + two fp32 moments (12 bytes, partitioned from stage 1) and the
@@ -222,12 +229,13 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
         p["ZeRO buckets"] = 2 * 2 * min(trainable, 2e8)  # reduce + allgather buckets (2e8 elements, 16-bit)
         step_temp = step
     else:
-        p["trainable parameters"] = trainable_bytes
-        p["gradients"] = trainable_bytes
+        p["trainable parameters"] = trainable_bytes * shard * on_device
+        p["gradients"] = trainable_bytes * shard * on_device
         param_bytes = trainable_bytes / trainable if trainable else 4
         state, step_temp = optimizer_state_bytes(job.optim, trainable, param_bytes, matrices)
-        p["optimizer state"] = state
-        if n > 1:  # DDP reduces through bucket copies of the gradients (gradient_as_bucket_view=False)
+        p["optimizer state"] = state * shard * on_device
+        step_temp *= shard * on_device
+        if n > 1 and not fsdp:  # DDP reduces through bucket copies of the gradients (gradient_as_bucket_view=False)
             p["DDP gradient buckets"] = trainable_bytes
     if job.cuda:
         p["CUDA context"] = CUDA_CONTEXT_BYTES + (NCCL_BYTES if n > 1 else 0)
@@ -249,10 +257,13 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
         kept = {"block activations (all layers)": layers * (block_total - block.get("dequantized GPTQ weights", 0))
                 + gptq_all}
         recompute = {}
-    kept_total = sum(kept.values())
     # The output layer: with an fp32 lm_head (k-bit prep) autocast keeps a 16-bit copy of its weight.
     lm_head_copy = shape.embedding_params * c if (kbit and not deepspeed and c < 4) else 0
     zero3_gather = 2 * shape.block_weights * 2 if job.zero_stage == 3 else 0  # current + prefetched block
+    if fsdp:  # current + prefetched decoder block, gathered in their stored dtype (4-bit packed for NF4)
+        block_stored = (sum(nf4_bytes(lin.n_in * lin.n_out, job.double_quant) for lin in shape.block) if kbit
+                        else shape.block_weights * job.base_bytes) + (lora * 4 / max(layers, 1) if job.use_lora else 0)
+        zero3_gather = 2 * block_stored
 
     loss_phase = {**kept, "logits chain": logits["peak"]}
     if job.cuda and c < 4 and job.use_lora and not deepspeed:
@@ -270,7 +281,10 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
     if dequant:
         block_phase["4-bit dequantization workspace"] = dequant
     if zero3_gather:
-        loss_phase["ZeRO-3 gathered blocks"] = block_phase["ZeRO-3 gathered blocks"] = zero3_gather
+        label = "FSDP2 gathered blocks" if fsdp else "ZeRO-3 gathered blocks"
+        loss_phase[label] = block_phase[label] = zero3_gather
+    if fsdp and n > 1:  # the output unit (final norm + lm_head) stays gathered from the forward's end into backward
+        loss_phase["FSDP2 gathered lm_head"] = shape.embedding_params * (4 if kbit else job.base_bytes) * (1 - 1 / n)
     step_phase = {"optimizer step temporaries": step_temp}
     plan.phases = {"loss": loss_phase, "block backward": block_phase, "optimizer step": step_phase}
 
@@ -282,6 +296,8 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
     plan.transient = dict(plan.phases[plan.peak_phase])
     if frag:
         plan.transient["allocator fragmentation"] = sum(plan.phases[plan.peak_phase].values()) * frag
+    plan.load = load_parts(shape, job, quant if job.quant else 0, other, p)
+    plan.load_bytes = int(sum(plan.load.values()))
     plan.counts = {
         "parameters": shape.total_params,
         "quantized_parameters": shape.quantizable if job.quant else 0,
@@ -291,3 +307,27 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
         "logit_positions": positions,
     }
     return plan
+
+
+def load_parts(shape: Shape, job: Job, quant_bytes: float, other: int, persistent: dict) -> dict:
+    """What one device holds while the model loads, before the engine shards anything (bytes by part).
+
+    4-bit bases take transformers' quantized path, which builds no deepspeed.zero.Init even under
+    ZeRO-3, and bitsandbytes places the whole quantized model on each rank's device; peft's k-bit
+    preparation then upcasts every non-quantized parameter (embeddings, lm_head, norms) to fp32 there.
+    ZeRO-3 and FSDP2 shard only afterwards, in deepspeed.initialize / fully_shard. A full-precision
+    base loads partitioned under ZeRO-3 (zero.Init), to host memory and then sharded onto the device
+    under FSDP2 (no device map; accelerate moves the shards), and whole on the device otherwise."""
+    n = max(job.world_size, 1)
+    fixed = {k: v for k, v in persistent.items() if k in ("CUDA context", "process baseline (CPU)")}
+    largest = max(lin.n_in * lin.n_out for lin in shape.block)
+    if job.quant in ("nf4", "fp4"):
+        return {**fixed, "4-bit base, whole on every rank": quant_bytes,
+                "non-quantized weights, fp32 after k-bit preparation": other * 4,
+                "one projection being quantized (16-bit)": largest * 2}
+    if job.quant == "gptq":
+        return {**fixed, "GPTQ base, whole on every rank": quant_bytes + other * job.base_bytes}
+    full = shape.total_params * job.base_bytes
+    if job.zero_stage == 3 or job.engine == "fsdp2":
+        return {**fixed, "base, partitioned at load": full / n + largest * job.base_bytes}
+    return {**fixed, "base, whole on every rank": full}

@@ -21,8 +21,18 @@ def _value(x):
     return getattr(x, "value", x)
 
 
-def candidate_changes(args) -> list[tuple[str, dict]]:
-    """One-setting changes that lower memory, as (flag text, flag overrides)."""
+# Engines that shard across GPUs, as re-planning overrides (the configs' content that matters).
+ENGINES = (
+    ("--deepspeed ds_configs/zero3.json", {"deepspeed": {"zero_optimization": {"stage": 3}}, "fsdp_config": None}),
+    ("--fsdp_config fsdp_configs/fsdp2.json", {"fsdp_config": {"version": 2}, "deepspeed": None}),
+    ("--fsdp_config fsdp_configs/fsdp2_offload.json",
+     {"fsdp_config": {"version": 2, "cpu_offload": True}, "deepspeed": None}),
+)
+
+
+def candidate_changes(args, world_size: int = 1, quant_method: str | None = None) -> list[tuple[str, dict]]:
+    """One-setting changes that lower memory, as (flag text, flag overrides). With several GPUs, the
+    sharding engines too (not for GPTQ, which neither ZeRO-3 nor FSDP2 shards)."""
     changes = []
     batch, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     if batch > 1:
@@ -43,6 +53,13 @@ def candidate_changes(args) -> list[tuple[str, dict]]:
         changes.append(("--attn_implementation sdpa", {"attn_implementation": "sdpa"}))
     if not args.q_lora:
         changes.append(("--q_lora (NF4 base)", {"q_lora": True, "use_lora": True, "quantization": "nf4"}))
+    if world_size > 1 and quant_method != "gptq":
+        from qlaunch.config.engine import engine_of
+
+        current = engine_of(getattr(args, "deepspeed", None), getattr(args, "fsdp_config", None))
+        for text, overrides in ENGINES:
+            if engine_of(overrides["deepspeed"], overrides["fsdp_config"]) != current:
+                changes.append((text, overrides))
     return changes
 
 
@@ -66,7 +83,7 @@ def replan_all(args, settings, target, shape, stats) -> list[tuple[str, float]]:
     """(flag text, per-device peak GB) of every candidate change, re-planned."""
 
     out = []
-    for text, overrides in candidate_changes(args):
+    for text, overrides in candidate_changes(args, target.world_size, settings.quant_method):
         plan = compute(replanned_args(args, overrides), replanned_settings(settings, overrides), target, shape, stats)
         out.append((text, plan["memory_gb"]["per_device_peak"]))
     return out
@@ -134,6 +151,10 @@ def fit_verdict(plan: dict, options: list[tuple[str, float]] | None = None) -> d
     text = f"does not fit: {peak:.1f} GB > {memory:.1f} GB"
     if fitting:
         text += "; options that fit: " + ", ".join(f"{t} ({gb:.1f} GB)" for t, gb in fitting)
+    elif options is not None and plan["memory_gb"]["peak_phase"] == "load" and plan["quantization"] in ("nf4", "fp4"):
+        text += (f"; loading is the limit: the 4-bit base is placed whole on every GPU "
+                 f"({plan['memory_gb']['load_peak']:.1f} GB) before ZeRO-3 or FSDP2 shard it (qlaunch does not "
+                 "load 4-bit bases sharded yet), so more GPUs do not help; a GPU with more memory does")
     elif options is not None:
         text += "; no one-flag change fits: more GPUs with ZeRO-3 (--deepspeed ds_configs/zero3.json --num_gpus N) or a larger GPU"
     return {"fits": False, "over_gb": peak - memory, "text": text,

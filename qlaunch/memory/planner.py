@@ -97,9 +97,12 @@ def planned_seq_len(args, stats: dict | None) -> int:
     return int(min(stats["max"], args.model_max_length))
 
 
-def logits_fraction(args, stats: dict | None) -> float:
+def logits_fraction(args, stats: dict | None, shape=None) -> float:
     """Share of positions that reach lm_head: with --labelled_logits_only (qlaunch/train/loss.py) the
-    trained tokens of the data; without data, or with the flag off, every position (the safe side)."""
+    trained tokens of the data; without data, with the flag off, or for a model that runs its own
+    modelling code (Qwen(1): the Trainer falls back to every position), every position."""
+    if shape is not None and shape.remote_loss:
+        return 1.0
     if not getattr(args, "labelled_logits_only", False) or not stats or not stats.get("trained_tokens"):
         return 1.0
     return min(1.0, stats["trained_tokens"] / max(stats["tokens"], 1))
@@ -140,9 +143,12 @@ def compute(args, settings, target: Target, shape, stats: dict | None = None) ->
     """The plan as a JSON-ready dict (no verdict options)."""
     from qlaunch.memory.estimate import plan_memory
 
-    job = build_job(args, settings, target, planned_seq_len(args, stats), logits_fraction(args, stats))
+    job = build_job(args, settings, target, planned_seq_len(args, stats), logits_fraction(args, stats, shape))
     plan = plan_memory(shape, job)
-    gb = {"per_device_peak": plan.peak_bytes / GiB, "peak_phase": plan.peak_phase,
+    peak = max(plan.peak_bytes, plan.load_bytes)  # the verdict follows the larger of loading and training
+    gb = {"per_device_peak": peak / GiB, "peak_phase": plan.peak_phase if plan.peak_bytes >= plan.load_bytes else "load",
+          "training_peak": plan.peak_bytes / GiB, "load_peak": plan.load_bytes / GiB,
+          "load": {k: v / GiB for k, v in plan.load.items()},
           "persistent": {k: v / GiB for k, v in plan.persistent.items()},
           "peak_transient": {k: v / GiB for k, v in plan.transient.items()},
           "phases": {name: (sum(plan.persistent.values()) + sum(parts.values())) / GiB
@@ -163,7 +169,7 @@ def compute(args, settings, target: Target, shape, stats: dict | None = None) ->
         "tokens": stats,
         # older keys (metrics.json's plan_estimate_gib, the OOM message)
         "base_weights_gib": plan.persistent.get("base weights", 0) / GiB,
-        "total_gib_estimate": plan.peak_bytes / GiB,
+        "total_gib_estimate": peak / GiB,
     }
     return out
 
@@ -178,7 +184,8 @@ def format_plan(plan: dict) -> str:
              f"  {plan['quantization'] or 'full precision'} base, {plan['precision']['compute_dtype']} compute, "
              f"batch {job['micro_batch']} x {job['seq_len']} tokens, "
              f"{'activation checkpointing' if job['checkpointing'] else 'no checkpointing'}, {job['attention']}, "
-             f"{job['optim']}" + (f", ZeRO-{job['zero_stage']}" if job["zero_stage"] else "")]
+             f"{job['optim']}" + (f", ZeRO-{job['zero_stage']}" if job["zero_stage"] else "")
+             + (", FSDP2" + (" + CPU offload" if job["offload_params"] else "") if job["engine"] == "fsdp2" else "")]
     if plan.get("tokens"):
         t = plan["tokens"]
         lines.append(f"  data: {t['error']}" if "error" in t else
@@ -186,9 +193,15 @@ def format_plan(plan: dict) -> str:
                      f"max {t['max']} (the plan uses the longest)")
     lines.append("  held all step:")
     lines += [f"    {name:40} {v:8.2f} GB" for name, v in gb["persistent"].items() if v >= 0.005]
-    lines.append(f"  at the peak ({gb['peak_phase']}):")
+    training = "training step" if gb["peak_phase"] == "load" else gb["peak_phase"]
+    lines.append(f"  at the training peak ({training}):")
     lines += [f"    {name:40} {v:8.2f} GB" for name, v in gb["peak_transient"].items() if v >= 0.005]
-    lines.append(f"  {'peak per device':42} {gb['per_device_peak']:8.2f} GB")
+    lines.append(f"  {'training peak per device':42} {gb['training_peak']:8.2f} GB")
+    lines.append("  while loading (before the engine shards):")
+    lines += [f"    {name:40} {v:8.2f} GB" for name, v in gb["load"].items() if v >= 0.005]
+    lines.append(f"  {'load peak per device':42} {gb['load_peak']:8.2f} GB")
+    lines.append(f"  {'peak per device':42} {gb['per_device_peak']:8.2f} GB"
+                 + (" (loading)" if gb["peak_phase"] == "load" else ""))
     if plan.get("fit"):
         lines.append(f"  verdict: {plan['fit']['text']}")
     return "\n".join(lines)

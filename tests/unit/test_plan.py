@@ -254,3 +254,77 @@ def test_labelled_logits_plan_the_trained_share_of_positions(demo, tmp_path):
     without = plan_json(no_data)
     assert without["logit_positions"] == without["tokens_per_micro_batch"]
     assert logits_fraction(type("A", (), {"labelled_logits_only": True})(), None) == 1.0
+
+
+def test_fsdp2_shards_parameters_gradients_and_optimizer_state(tmp_path):
+    model = config_dir("Qwen/Qwen2-7B-Instruct", str(tmp_path))
+    base = ["--model_name_or_path", model, "--use_lora", "--gpu", "A100-80GB"]
+    fsdp = os.path.join(REPO, "fsdp_configs", "fsdp2.json")
+    ddp, two, four = (plan_json(base + extra) for extra in (
+        ["--num_gpus", "2"], ["--fsdp_config", fsdp, "--num_gpus", "2"], ["--fsdp_config", fsdp, "--num_gpus", "4"]))
+    assert two["job"]["engine"] == "fsdp2" and "FSDP2" in format_plan(two)
+    pd, p2, p4 = (p["memory_gb"]["persistent"] for p in (ddp, two, four))
+    for term in ("base weights", "trainable parameters", "gradients", "optimizer state"):
+        assert math.isclose(p2[term] * 2, pd[term], rel_tol=1e-9), term
+        assert math.isclose(p4[term] * 4, pd[term], rel_tol=1e-9), term
+    assert "DDP gradient buckets" in pd and "DDP gradient buckets" not in p2
+    assert two["memory_gb"]["phases"]["loss"] > 0 and "FSDP2 gathered blocks" in two["memory_gb"]["peak_transient"]
+    offload = plan_json(base + ["--fsdp_config", os.path.join(REPO, "fsdp_configs", "fsdp2_offload.json"),
+                                "--num_gpus", "2"])
+    assert offload["memory_gb"]["persistent"]["base weights"] == 0  # shards in host memory
+    assert offload["memory_gb"]["training_peak"] < two["memory_gb"]["training_peak"]
+    # a full-precision base loads partitioned (ZeRO-3's zero.Init; FSDP2 via host memory): 1/N at load
+    assert four["memory_gb"]["load_peak"] < two["memory_gb"]["load_peak"] < ddp["memory_gb"]["load_peak"]
+
+
+def test_the_verdict_follows_the_load_phase_of_a_4bit_base(tmp_path):
+    """Llama-3-70B NF4 on 8x RTX 4090 with ZeRO-3 trains in ~16 GB per GPU, but bitsandbytes places the
+    whole 4-bit base on every GPU before ZeRO-3 shards it (+ fp32 embeddings/lm_head after k-bit
+    preparation): the plan says it does not fit, and why; no engine change is proposed for it."""
+    from qlaunch.memory.fit import options_that_fit
+
+    model = config_dir("meta-llama/Meta-Llama-3-70B-Instruct", str(tmp_path))
+    for engine in (["--deepspeed", os.path.join(REPO, "ds_configs", "zero3.json")],
+                   ["--fsdp_config", os.path.join(REPO, "fsdp_configs", "fsdp2.json")]):
+        argv = ["--config", os.path.join(REPO, "recipes", "llama3-70b-instruct-nf4-qlora.yaml"),
+                "--model_name_or_path", model, "--gpu", "RTX-4090", "--num_gpus", "8", *engine]
+        ns, settings, target, stats, _ = prepare_plan(argv)
+        plan = planned(ns, settings, target, stats, options_that_fit)
+        gb = plan["memory_gb"]
+        assert gb["training_peak"] < 24 < gb["load_peak"] == gb["per_device_peak"], gb
+        assert gb["peak_phase"] == "load" and plan["fit"]["fits"] is False
+        assert "loading is the limit" in plan["fit"]["text"] and not plan["fit"]["options"]
+        assert gb["load"]["4-bit base, whole on every rank"] > 30  # ~35 GB of NF4 codes and state
+
+
+def test_engine_changes_are_fit_options_only_with_several_gpus_and_never_for_gptq():
+    from types import SimpleNamespace
+
+    from qlaunch.memory.fit import candidate_changes
+
+    args = SimpleNamespace(per_device_train_batch_size=1, gradient_accumulation_steps=1, activation_checkpointing=True,
+                           model_max_length=128, optim="paged_adamw_8bit", attn_implementation="sdpa", q_lora=True,
+                           deepspeed=None, fsdp_config=None)
+    texts = lambda *a: [t for t, _ in candidate_changes(args, *a) if t.startswith(("--deepspeed", "--fsdp"))]  # noqa
+    assert texts(1, "nf4") == []
+    assert texts(2, "nf4") == ["--deepspeed ds_configs/zero3.json", "--fsdp_config fsdp_configs/fsdp2.json",
+                               "--fsdp_config fsdp_configs/fsdp2_offload.json"]
+    assert texts(8, "gptq") == []
+    args.fsdp_config = {"version": 2}  # already FSDP2: not proposed again
+    assert "--fsdp_config fsdp_configs/fsdp2.json" not in texts(2, "nf4")
+
+
+def test_remote_code_models_plan_logits_at_every_position(tmp_path):
+    """Qwen(1) runs its own modelling code, which the labelled-logits path cannot reach."""
+    from types import SimpleNamespace
+
+    from qlaunch.memory.planner import logits_fraction
+    from qlaunch.memory.shape import model_shape
+
+    args = SimpleNamespace(labelled_logits_only=True)
+    stats = {"tokens": 1000, "trained_tokens": 250}
+    with open(os.path.join(config_dir("Qwen/Qwen-7B", str(tmp_path)), "config.json")) as f:
+        qwen1 = model_shape(json.load(f))
+    assert qwen1.remote_loss
+    assert logits_fraction(args, stats) == 0.25
+    assert logits_fraction(args, stats, qwen1) == 1.0

@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "bench"))  # random_llama, also when loaded by file path (tests)
 
 RANDOM_100M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                    num_key_value_heads=12)
@@ -44,21 +45,9 @@ def long_records(n: int, chars: int, seed: int = 0) -> list[dict]:
 
 
 def build_models(root: str) -> dict:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from random_llama import random_llama
 
-    from qlaunch.demo import build_demo
-
-    demo = build_demo(os.path.join(root, "demo"))
-    big = os.path.join(root, "random-100M")
-    if not os.path.isdir(big):
-        tokenizer = AutoTokenizer.from_pretrained(demo["model"])
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                             max_position_embeddings=4096, tie_word_embeddings=False, **RANDOM_100M)
-        LlamaForCausalLM(config).save_pretrained(big)
-        tokenizer.save_pretrained(big)
+    big, demo = random_llama(root, "random-100M", RANDOM_100M)
     return {"demo": demo["model"], "random-100M": big}
 
 

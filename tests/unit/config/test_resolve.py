@@ -187,3 +187,11 @@ def test_fsdp_needs_processes_and_refuses_gptq(demo, tmp_path):
                             "--fsdp_config", FSDP2])
     problems = resolve(gptq, A100, env=TWO).problems
     assert any("GPTQ Int4 base: its packed int32 weights" in p for p in problems), problems
+
+
+def test_a_recipe_can_name_fsdp2(demo, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"q_lora: true\nfsdp_config: {FSDP2}\n")
+    settings = resolve(parse_namespace(["--config", str(recipe), "--model_name_or_path", demo["model"],
+                                        "--data_path", demo["train"]]), A100, env=TWO)
+    assert settings.engine.name == "fsdp2" and settings.training["fsdp"] is True and not settings.problems

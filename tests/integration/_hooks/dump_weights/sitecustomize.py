@@ -19,6 +19,8 @@ _TARGET = "transformers.trainer"
 
 
 def _dump(trainer) -> None:
+    import resource
+
     import torch
 
     out_dir = os.environ["QLAUNCH_TEST_DUMP_DIR"]
@@ -39,7 +41,11 @@ def _dump(trainer) -> None:
     local, full = _param_bytes(model)
     os.makedirs(out_dir, exist_ok=True)
     torch.save({"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "state": state,
-                "local_param_bytes": local, "full_param_bytes": full}, os.path.join(out_dir, f"rank{rank}.pt"))
+                "local_param_bytes": local, "full_param_bytes": full,
+                "max_memory_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                "rss_at_train_start_kib": getattr(trainer, "_qlaunch_test_rss_at_train", None),
+                "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _full(p):
@@ -48,9 +54,14 @@ def _full(p):
 
 
 def _param_bytes(model) -> tuple[int, int]:
-    """(bytes of parameter storage this rank holds, bytes of the whole parameters): FSDP2 holds 1/N."""
+    """(bytes of parameter storage this rank holds, bytes of the whole parameters): FSDP2 (DTensor
+    shards) and ZeRO-3 (ds_tensor partitions of ds_numel elements) hold about 1/N."""
     local = full = 0
     for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            local += p.ds_tensor.numel() * p.ds_tensor.element_size()
+            full += p.ds_numel * p.ds_tensor.element_size()
+            continue
         shard = p._local_tensor if type(p).__name__ == "DTensor" else p
         local += shard.numel() * shard.element_size()
         full += p.numel() * p.element_size()
@@ -71,6 +82,16 @@ def _patch(module) -> None:
 
     save_model._qlaunch_test_wrapped = True
     trainer_cls.save_model = save_model
+
+    original_train = trainer_cls.train
+
+    def train(self, *args, **kwargs):  # the peak RSS of loading: the model is built, not yet sharded
+        import resource
+
+        self._qlaunch_test_rss_at_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return original_train(self, *args, **kwargs)
+
+    trainer_cls.train = train
 
     pace = float(os.environ.get("QLAUNCH_TEST_STEP_SLEEP", "0") or 0)
     if pace > 0:  # crash tests: tiny models train faster than a test can aim a kill -9

@@ -1,0 +1,113 @@
+"""What each rank holds under FSDP2 and ZeRO-3, measured, beside the plan's per-device numbers.
+
+    python bench/sharding.py [--quick]
+
+A ~300M-parameter random Llama (built locally; weights dominate) trains NF4 Q-LoRA for 2 steps under
+FSDP2 and ZeRO-3 with N = 2 and 4 CPU processes (torchrun through launch/qlora_ds.sh, gloo,
+127.0.0.1). Each rank records, through the test hook tests/integration/_hooks/dump_weights: the bytes
+of parameter storage it holds after training (its shard), its peak RSS when training starts (the
+model loaded, not yet sharded) and at the end. Beside them: `python -m qlaunch.plan` for the same
+flags and world size (this CPU: the load and training peaks of live memory per process).
+`--quick`: N = 2 only. Prints a table, writes bench/results/sharding.json. Nothing else may run
+meanwhile (two OpenMP threads on two cores wait for each other).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "bench"))  # random_llama, also when loaded by file path (tests)
+sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
+
+RANDOM_300M = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+                   num_key_value_heads=16)
+ENGINES = {"FSDP2": ["--fsdp", os.path.join(REPO, "fsdp_configs", "fsdp2.json")],
+           "ZeRO-3": ["--deepspeed", os.path.join(REPO, "ds_configs", "zero3.json")]}
+TRAIN = ["--max_steps", "2", "--model_max_length", "256", "--per_device_train_batch_size", "1", "--lora_r", "16",
+         "--lora_dropout", "0", "--save_strategy", "no", "--logging_steps", "1", "--report_to", "none"]
+GiB = 1024**3
+
+
+def build_model(root: str) -> tuple[str, str]:
+    """(the ~300M random Llama's directory, the demo training data)."""
+    from random_llama import random_llama
+
+    model, demo = random_llama(root, "random-300M", RANDOM_300M)
+    return model, demo["train"]
+
+
+def planned(model: str, data: str, engine: str, n: int) -> dict:
+    flags = ENGINES[engine]
+    engine_flag = ["--fsdp_config", flags[1]] if engine == "FSDP2" else flags
+    proc = subprocess.run([sys.executable, "-m", "qlaunch.plan", "--config", os.path.join(REPO, "recipes", "qlora-default.yaml"),
+                           "--model_name_or_path", model, "--q_lora", *engine_flag, *TRAIN, "--num_gpus", str(n),
+                           "--json"], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout)["memory_gb"]
+
+
+def measure(model: str, data: str, engine: str, n: int, work: str) -> list[dict]:
+    from launchkit import base_env, launch
+
+    out = os.path.join(work, f"{engine}-{n}")
+    run = launch("qlora_ds.sh", [*ENGINES[engine], "-m", model, "-d", data, "-o", out, "--", *TRAIN],
+                 out, env=base_env(NPROC_PER_NODE=n), timeout=3600)
+    if run.returncode != 0:
+        raise RuntimeError(run.tail())
+    import torch
+
+    rows = []
+    for f in sorted(run.dump.glob("rank*.pt")):
+        d = torch.load(f, weights_only=True)
+        rows.append({"rank": d["rank"], "world_size": d["world_size"], "local_param_bytes": d["local_param_bytes"],
+                     "full_param_bytes": d["full_param_bytes"], "rss_load_gib": d["rss_at_train_start_kib"] / 2**20,
+                     "rss_peak_gib": d["peak_rss_kib"] / 2**20, "seconds": run.seconds})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="qlaunch-sharding-")
+    try:
+        model, data = build_model(work)
+        largest_layer = 4 * max(RANDOM_300M["intermediate_size"] * RANDOM_300M["hidden_size"],
+                                RANDOM_300M["hidden_size"] ** 2)  # fp32-stored 4-bit codes: an upper bound
+        results = []
+        for n in ((2,) if args.quick else (2, 4)):
+            for engine in ENGINES:
+                plan = planned(model, data, engine, n)
+                for row in measure(model, data, engine, n, work):
+                    share = row["local_param_bytes"] / row["full_param_bytes"] if row["full_param_bytes"] else None
+                    results.append({"engine": engine, **row, "share": share,
+                                    "within_1_over_n_plus_a_layer": (row["local_param_bytes"]
+                                                                     <= row["full_param_bytes"] / n + largest_layer),
+                                    "plan_load_gib": plan["load_peak"], "plan_training_gib": plan["training_peak"]})
+        header = (f"{'engine':7} {'N':>2} {'rank':>4} {'local/full params':>18} {'<=1/N+layer':>11} "
+                  f"{'RSS load':>9} {'plan load':>9} {'RSS peak':>9} {'plan train':>10}")
+        print(header)
+        for r in results:
+            share = f"{r['share']:.3f}" if r["share"] is not None else "n/a"
+            print(f"{r['engine']:7} {r['world_size']:>2} {r['rank']:>4} {share:>18} "
+                  f"{str(r['within_1_over_n_plus_a_layer']):>11} {r['rss_load_gib']:>8.2f}G {r['plan_load_gib']:>8.2f}G "
+                  f"{r['rss_peak_gib']:>8.2f}G {r['plan_training_gib']:>9.2f}G")
+        os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
+        with open(os.path.join(REPO, "bench", "results", "sharding.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

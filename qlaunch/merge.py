@@ -137,8 +137,13 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32
     from qlaunch.model.load import load_tokenizer
     from qlaunch.train.checkpoints import staged_output
 
+    from qlaunch.config.files import overlap_problems
+
     given_base = base
     base = base or adapter_base(adapter)
+    overlaps = overlap_problems({"--out": out}, {"--adapter": adapter, "--base": base, "--probe_data": probe_data})
+    if overlaps:
+        raise UsageError(overlaps)
     problem = remote_code_problem(base, adapter, trust_remote_code)
     if problem:
         raise UsageError(problem)

@@ -85,7 +85,7 @@ def input_widths(config: dict) -> set[int]:
 def check_args(args) -> list[str]:
     """Every problem with the arguments, before the tokenizer, data or model is loaded."""
     from qlaunch.config.checkpoint import INSTALL_HINT
-    from qlaunch.config.files import file_problem
+    from qlaunch.config.files import file_problem, overlap_problems
 
     problems = []
     if importlib.util.find_spec("gptqmodel") is None:
@@ -102,8 +102,7 @@ def check_args(args) -> list[str]:
         problems.append(f"--data {args.data!r}: expected a .json or .jsonl file.")
     if os.path.isfile(args.out):
         problems.append(f"--out {args.out!r} is a file; pass a directory.")
-    elif os.path.isdir(args.model) and os.path.abspath(args.out) == os.path.abspath(args.model):
-        problems.append("--out must differ from --model (the full-precision model would be overwritten).")
+    problems += overlap_problems({"--out": args.out}, {"--model": args.model, "--data": args.data})
     if args.bits not in BITS:
         problems.append(f"--bits {args.bits}: choose one of {', '.join(map(str, BITS))}.")
     if args.group_size != -1 and args.group_size < 1:

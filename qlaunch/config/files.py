@@ -4,19 +4,50 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 CACHE_DISABLED = ("none", "off", "false", "no", "0")  # --cache_dir values that turn the cache off
 
 
 def file_problem(path: str) -> str | None:
-    """Why `path` cannot be read as a file (missing, a directory, unreadable), or None."""
+    """Why `path` cannot be read as a file (missing, a directory, not a regular file, unreadable), or None."""
     if os.path.isdir(path):
         return f"{path!r} is a directory, not a file."
     if not os.path.exists(path):
         return f"file not found: {path!r}."
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block forever, a device never end
+        return f"{path!r} is not a regular file (a FIFO, socket or device)."
     if not os.access(path, os.R_OK):
         return f"{path!r} is not readable (permissions)."
     return None
+
+
+def overlap_problems(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> list[str]:
+    """Outputs that are, contain or sit inside an input of the same command, symlinks resolved:
+    writing there would change the user's model, data or adapter. Keys are the flags' names."""
+    def real(path):
+        return os.path.realpath(os.path.expanduser(path))
+
+    problems = []
+    for out_flag, out in outputs.items():
+        if not out:
+            continue
+        target = real(out)
+        for in_flag, given in inputs.items():
+            if not given or not isinstance(given, str) or not os.path.exists(os.path.expanduser(given)):
+                continue
+            source = real(given)
+            if target == source:
+                relation = "is"
+            elif source.startswith(target.rstrip(os.sep) + os.sep):
+                relation = "contains"
+            elif target.startswith(source.rstrip(os.sep) + os.sep):
+                relation = "is inside"
+            else:
+                continue
+            problems.append(f"{out_flag} {out!r} {relation} {in_flag} {given!r}: outputs never overlap inputs "
+                            "(they would be written into); pass another directory.")
+    return problems
 
 
 def config_file_problems(config: str | None, deepspeed, fsdp_config=None) -> list[str]:

@@ -10,7 +10,7 @@ import argparse
 import os
 
 from qlaunch.config.choices import CHOICES
-from qlaunch.config.files import config_file_problems, file_problem
+from qlaunch.config.files import config_file_problems, file_problem, overlap_problems
 from qlaunch.config.machine import Machine
 
 
@@ -176,6 +176,10 @@ def _check_output_dir(ns: argparse.Namespace, problems: list[str]) -> None:
         problems.append(f"--output_dir {out!r}: cannot be created ({parent!r} is a file); pass another directory.")
     elif not os.access(parent, os.W_OK | os.X_OK):
         problems.append(f"--output_dir {out!r}: {parent!r} is not writable; pass a directory you can write to.")
+    # Checkpoints to resume from live in --output_dir by design: --resume_from_checkpoint is not an input here.
+    inputs = {f"--{flag}": getattr(ns, flag, None) for flag in (
+        "model_name_or_path", "data_path", "eval_data_path", "lora_weight_path", "config", "deepspeed", "fsdp_config")}
+    problems.extend(overlap_problems({"--output_dir": out}, inputs))
 
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qlaunch.cli import fit, prepare
+from qlaunch.config.errors import UsageError
 
 FAST = ["--max_steps", "15", "--learning_rate", "3e-3", "--per_device_train_batch_size", "8", "--save_strategy",
         "no", "--report_to", "none", "--model_max_length", "64", "--lora_r", "8", "--lora_dropout", "0",
@@ -79,6 +80,12 @@ def test_lora_merge_report_and_base_route(demo, tmp_path):
     lora = tmp_path / "lora"
     fit(prepare(["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--output_dir", str(lora),
                  "--use_lora", *FAST]))
+    before = {p.name: p.read_bytes() for p in lora.iterdir() if p.is_file()}
+    for out, relation in ((lora, "is --adapter"), (lora / "merged", "is inside --adapter"),
+                          (demo["model"], "is --base")):
+        with pytest.raises(UsageError, match=relation):
+            merge(str(lora), str(out))
+    assert {p.name: p.read_bytes() for p in lora.iterdir() if p.is_file()} == before  # the adapter untouched
     report = merge(str(lora), str(tmp_path / "lora_merged"))["report"]
     assert report["top1_agreement"] >= 0.999 and report["min_top1_agreement"] == 0.999
     assert report["max_abs_logit_diff"] < 1e-3

@@ -54,6 +54,11 @@ def _text_file(tmp_path) -> str:
     return str(tmp_path / "calib.txt")
 
 
+def _link(tmp_path, target):
+    os.symlink(target, tmp_path / "link")
+    return str(tmp_path / "link")
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d, t: {"--model": str(t / "nope")}, "--model: not a directory"),
     (lambda d, t: {"--model": str(t)}, "no config.json"),
@@ -61,7 +66,9 @@ def _text_file(tmp_path) -> str:
     (lambda d, t: {"--data": str(t / "missing.json")}, "--data: file not found"),
     (lambda d, t: {"--data": d["model"]}, "is a directory"),
     (lambda d, t: {"--data": _text_file(t)}, "expected a .json or .jsonl file"),
-    (lambda d, t: {"--out": d["model"]}, "--out must differ from --model"),
+    (lambda d, t: {"--out": d["model"]}, "is --model"),
+    (lambda d, t: {"--out": _link(t, d["model"])}, "is --model"),
+    (lambda d, t: {"--out": os.path.join(d["model"], "int4")}, "is inside --model"),
     (lambda d, t: {"--out": d["train"]}, "is a file"),
     (lambda d, t: {"--bits": "3"}, "--bits 3: choose one of 2, 4, 8"),
     (lambda d, t: {"--group_size": "0"}, "--group_size 0: pass a positive group size"),

@@ -35,6 +35,28 @@ def model_copy(tmp_path, demo, drop):
     return ["--model_name_or_path", str(target)]
 
 
+def output_into_model(tmp_path, demo, where):
+    """--output_dir that is (or sits inside, or links to) a copy of the base model's directory."""
+    model = model_copy(tmp_path, demo, ".none")
+    out = {"same": model[1], "inside": os.path.join(model[1], "adapter"), "link": str(tmp_path / "link")}[where]
+    if where == "link":
+        os.symlink(model[1], out)
+    return [*model, "--output_dir", out]
+
+
+def output_around_data(tmp_path, demo):
+    """--output_dir that contains the training data."""
+    os.makedirs(tmp_path / "around")
+    data = shutil.copy(demo["train"], tmp_path / "around" / "train.json")
+    return ["--data_path", str(data), "--output_dir", str(tmp_path / "around")]
+
+
+def fifo_data(tmp_path, demo):
+    path = tmp_path / "fifo.json"
+    os.mkfifo(path)
+    return ["--data_path", str(path)]
+
+
 def remote_code_model(tmp_path, demo):
     """The demo model whose config points at modelling code of its own (as Qwen-7B's does)."""
     model = model_copy(tmp_path, demo, ".none")
@@ -136,6 +158,11 @@ CASES = [
     ("output dir is a file", lambda t, d: ["--output_dir", write(t, "out", "x")], "exists and is not a directory"),
     ("output dir under a file", lambda t, d: ["--output_dir", os.path.join(write(t, "f", "x"), "out")],
      "cannot be created"),
+    ("output dir is the model", lambda t, d: output_into_model(t, d, "same"), "is --model_name_or_path"),
+    ("output dir inside the model", lambda t, d: output_into_model(t, d, "inside"), "is inside --model_name_or_path"),
+    ("output dir links to the model", lambda t, d: output_into_model(t, d, "link"), "is --model_name_or_path"),
+    ("output dir holds the data", output_around_data, "contains --data_path"),
+    ("data is a FIFO", fifo_data, "is not a regular file (a FIFO, socket or device)"),
 ]
 
 

@@ -22,13 +22,14 @@ class CpuFsdp2Mixin:
         super().create_accelerator_and_postprocess()
         state = self.accelerator.state
         kind = getattr(state.distributed_type, "value", str(state.distributed_type))
-        requested = self.args.fsdp_plugin_args is not None and getattr(state, "fsdp_plugin", None) is None
+        plugin_args = getattr(self.args, "fsdp_plugin_args", None)
+        requested = plugin_args is not None and getattr(state, "fsdp_plugin", None) is None
         if not fsdp_plugin_dropped(kind, requested):
             return
         from accelerate.state import PartialState
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args)
         state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         self.is_fsdp_enabled = True

@@ -7,7 +7,8 @@ FSDP2 and ZeRO-3 with N = 2 and 4 CPU processes (torchrun through launch/qlora_d
 127.0.0.1). Each rank records, through the test hook tests/integration/_hooks/dump_weights: the bytes
 of parameter storage it holds after training (its shard), its peak RSS when training starts (the
 model loaded, not yet sharded) and at the end. Beside them: `python -m qlaunch.plan` for the same
-flags and world size (this CPU: the load and training peaks of live memory per process).
+flags and world size (this CPU: the load phase, which here includes the memory-mapped fp32 checkpoint,
+and the per-process peak = the larger of load and training).
 `--quick`: N = 2 only. Prints a table, writes bench/results/sharding.json. Nothing else may run
 meanwhile (two OpenMP threads on two cores wait for each other).
 """
@@ -93,15 +94,17 @@ def main() -> None:
                     results.append({"engine": engine, **row, "share": share,
                                     "within_1_over_n_plus_a_layer": (row["local_param_bytes"]
                                                                      <= row["full_param_bytes"] / n + largest_layer),
-                                    "plan_load_gib": plan["load_peak"], "plan_training_gib": plan["training_peak"]})
+                                    "plan_load_gib": plan["load_peak"], "plan_training_gib": plan["training_peak"],
+                                    "plan_peak_gib": plan["per_device_peak"]})
         header = (f"{'engine':7} {'N':>2} {'rank':>4} {'local/full params':>18} {'<=1/N+layer':>11} "
-                  f"{'RSS load':>9} {'plan load':>9} {'RSS peak':>9} {'plan train':>10}")
+                  f"{'RSS load':>9} {'plan load':>9} {'ratio':>5} {'RSS peak':>9} {'plan peak':>9} {'ratio':>5}")
         print(header)
         for r in results:
             share = f"{r['share']:.3f}" if r["share"] is not None else "n/a"
             print(f"{r['engine']:7} {r['world_size']:>2} {r['rank']:>4} {share:>18} "
                   f"{str(r['within_1_over_n_plus_a_layer']):>11} {r['rss_load_gib']:>8.2f}G {r['plan_load_gib']:>8.2f}G "
-                  f"{r['rss_peak_gib']:>8.2f}G {r['plan_training_gib']:>9.2f}G")
+                  f"{r['rss_load_gib'] / r['plan_load_gib']:>5.2f} {r['rss_peak_gib']:>8.2f}G {r['plan_peak_gib']:>8.2f}G "
+                  f"{r['rss_peak_gib'] / r['plan_peak_gib']:>5.2f}")
         os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
         with open(os.path.join(REPO, "bench", "results", "sharding.json"), "w") as f:
             json.dump(results, f, indent=2)

@@ -322,9 +322,13 @@ def load_parts(shape: Shape, job: Job, quant_bytes: float, other: int, persisten
     fixed = {k: v for k, v in persistent.items() if k in ("CUDA context", "process baseline (CPU)")}
     largest = max(lin.n_in * lin.n_out for lin in shape.block)
     if job.quant in ("nf4", "fp4"):
-        return {**fixed, "4-bit base, whole on every rank": quant_bytes,
-                "non-quantized weights, fp32 after k-bit preparation": other * 4,
-                "one projection being quantized (16-bit)": largest * 2}
+        parts = {**fixed, "4-bit base, whole on every rank": quant_bytes,
+                 "non-quantized weights, fp32 after k-bit preparation": other * 4,
+                 "one projection being quantized (16-bit)": largest * 2}
+        if not job.cuda:  # on a CPU the device is the host: the checkpoint read to quantize is memory-mapped
+            # and its pages stay resident (file-backed; the unquantized zero-copy tensors keep the mapping)
+            parts["full-precision checkpoint, memory-mapped"] = shape.total_params * shape.checkpoint_bytes
+        return parts
     if job.quant == "gptq":
         return {**fixed, "GPTQ base, whole on every rank": quant_bytes + other * job.base_bytes}
     full = shape.total_params * job.base_bytes

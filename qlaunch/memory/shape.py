@@ -8,6 +8,7 @@ code with the checkpoint; it is described here from its own config keys instead 
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class Shape:
     remote_loss: bool = False  # the checkpoint's own code shifts logits with a copy before the loss
     embedding_names: tuple[str, ...] = ("embed_tokens",)
     output_name: str = "lm_head"
+    checkpoint_bytes: int = 2  # bytes per weight in the checkpoint's files (config.json torch_dtype/dtype)
 
     @property
     def block_weights(self) -> int:
@@ -142,7 +144,10 @@ def transformers_shape(config: dict) -> Shape:
     )
 
 
+STORED_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
 def model_shape(config: dict) -> Shape:
-    if config.get("model_type") == "qwen":
-        return qwen1_shape(config)
-    return transformers_shape(config)
+    shape = qwen1_shape(config) if config.get("model_type") == "qwen" else transformers_shape(config)
+    stored = STORED_BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "").replace("torch.", ""), 2)
+    return dataclasses.replace(shape, checkpoint_bytes=stored)

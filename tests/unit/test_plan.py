@@ -328,3 +328,17 @@ def test_remote_code_models_plan_logits_at_every_position(tmp_path):
     assert qwen1.remote_loss
     assert logits_fraction(args, stats) == 0.25
     assert logits_fraction(args, stats, qwen1) == 1.0
+
+
+def test_a_cpu_4bit_load_counts_the_mapped_checkpoint(demo):
+    """On a CPU the device is the host: the full-precision checkpoint read to quantize stays mapped (its
+    stored dtype from config.json); on a GPU it is host memory and not in the device's load phase."""
+    cpu = plan_json(["--model_name_or_path", demo["model"], "--q_lora"])["memory_gb"]["load"]
+    gpu = plan_json(["--model_name_or_path", demo["model"], "--q_lora", "--gpu", "A100-80GB"])["memory_gb"]["load"]
+    with open(os.path.join(demo["model"], "config.json")) as f:
+        stored = {"float32": 4, "bfloat16": 2, "float16": 2}[json.load(f).get("dtype") or "float32"]
+    from transformers import AutoModelForCausalLM
+
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(demo["model"]).parameters())
+    assert math.isclose(cpu["full-precision checkpoint, memory-mapped"] * GiB, params * stored, rel_tol=1e-9)
+    assert "full-precision checkpoint, memory-mapped" not in gpu

@@ -93,14 +93,16 @@ def resolve_quantization(ns: argparse.Namespace, path: str | None, settings: Set
 def shard_4bit_storage(ns: argparse.Namespace, settings: Settings, engine: str) -> None:
     """ZeRO-3 and FSDP2 shard parameters; bitsandbytes' packed 4-bit weights shard with the rest only
     when stored in a floating dtype (transformers/peft's recipe): the compute dtype, unless chosen.
-    FSDP2 leaves uint8 storage out of sharding (accelerate puts such Params4bit in ignored_params):
-    every rank would keep the whole 4-bit base."""
+    An integer storage is refused: FSDP2 leaves it out of sharding (accelerate puts such Params4bit in
+    ignored_params: every rank keeps the whole 4-bit base), and DeepSpeed casts parameters to the
+    compute dtype at init, which would turn packed codes into different numbers."""
     if settings.quant_method not in ("nf4", "fp4"):
         return
     if ns.bnb_4bit_quant_storage in ("uint8", "int8"):
         settings.problems.append(f"--bnb_4bit_quant_storage {ns.bnb_4bit_quant_storage} with {engine}: packed 4-bit "
-                                 "weights in an integer dtype are not sharded; remove the flag (qlaunch stores them "
-                                 "in the compute dtype) or pass bfloat16/float16/float32.")
+                                 "weights in an integer dtype cannot be sharded (FSDP2 keeps them whole on every "
+                                 "rank, DeepSpeed casts them to the compute dtype); remove the flag (qlaunch stores "
+                                 "them in the compute dtype) or pass bfloat16/float16/float32.")
         return
     if not ns.bnb_4bit_quant_storage:
         storage = str(settings.compute_dtype).replace("torch.", "")

@@ -1,6 +1,6 @@
 """Where a training step's memory goes, per device, from first principles.
 
-A pure function of the model's shape (qlaunch.shape) and the job's settings (`Job`): every term
+A pure function of the model's shape (qlaunch.memory.shape) and the job's settings (`Job`): every term
 is a count of tensors times their bytes, following what the libraries allocate (read in their
 sources: transformers 5, peft 0.21, bitsandbytes 0.50, gptqmodel 7.6, torch 2.x autograd). The
 peak is the largest of three moments of a step, each on top of what persists (weights, adapter,
@@ -36,7 +36,7 @@ NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256
 
 @dataclass(frozen=True)
 class Job:
-    """The settings that decide memory (read from flags + resolved settings by qlaunch.plan)."""
+    """The settings that decide memory (read from flags + resolved settings by qlaunch.memory.planner)."""
 
     quant: str | None = None  # None | nf4 | fp4 | gptq
     double_quant: bool = True
@@ -178,6 +178,7 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
     plan = Plan()
     h, layers, c = shape.hidden, shape.layers, job.compute_bytes
     kbit = job.quant in ("nf4", "fp4")
+    block_nf4 = sum(nf4_bytes(lin.n_in * lin.n_out, job.double_quant) for lin in shape.block)  # one block, 4-bit
     deepspeed = job.zero_stage > 0
     fsdp = job.engine == "fsdp2"
     n = max(job.world_size, 1)
@@ -192,7 +193,7 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
     other = shape.total_params - shape.quantizable
     if job.quant:
         if kbit:
-            quant = layers * sum(nf4_bytes(lin.n_in * lin.n_out, job.double_quant) for lin in shape.block)
+            quant = layers * block_nf4
             other_bytes = c if deepspeed else 4
         else:
             quant = layers * sum(gptq_bytes(lin.n_in, lin.n_out, lin.bias, shape.gptq or {}) for lin in shape.block)
@@ -261,8 +262,8 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
     lm_head_copy = shape.embedding_params * c if (kbit and not deepspeed and c < 4) else 0
     zero3_gather = 2 * shape.block_weights * 2 if job.zero_stage == 3 else 0  # current + prefetched block
     if fsdp:  # current + prefetched decoder block, gathered in their stored dtype (4-bit packed for NF4)
-        block_stored = (sum(nf4_bytes(lin.n_in * lin.n_out, job.double_quant) for lin in shape.block) if kbit
-                        else shape.block_weights * job.base_bytes) + (lora * 4 / max(layers, 1) if job.use_lora else 0)
+        block_stored = ((block_nf4 if kbit else shape.block_weights * job.base_bytes)
+                        + (lora * 4 / max(layers, 1) if job.use_lora else 0))
         zero3_gather = 2 * block_stored
 
     loss_phase = {**kept, "logits chain": logits["peak"]}

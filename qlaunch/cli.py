@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from qlaunch.config.engine import Engine
 from qlaunch.config.errors import UsageError
 
 log = logging.getLogger("qlaunch")
@@ -114,9 +115,10 @@ def load_model(config):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo" if targs.use_cpu else None)
+    settings = config.settings
     model = load_base_model(
-        margs, largs, config.quant_method, config.compute_dtype, use_cpu=targs.use_cpu, zero3=zero3,
-        load_dtype=config.settings.load_dtype if config.settings else None,
+        margs, largs, config.quant_method, config.compute_dtype, use_cpu=targs.use_cpu,
+        engine=settings.engine if settings else Engine(), load_dtype=settings.load_dtype if settings else None,
     )
     targets = None
     if largs.use_lora:

@@ -72,6 +72,7 @@ class Plan:
     peak_bytes: int = 0
     load: dict = field(default_factory=dict)  # bytes per device while the model loads, by part
     load_bytes: int = 0
+    load_host: dict = field(default_factory=dict)  # host bytes per rank while loading, when not the device
 
 
 def nf4_bytes(n: int, double_quant: bool) -> float:
@@ -299,6 +300,7 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
         plan.transient["allocator fragmentation"] = sum(plan.phases[plan.peak_phase].values()) * frag
     plan.load = load_parts(shape, job, quant if job.quant else 0, other, p)
     plan.load_bytes = int(sum(plan.load.values()))
+    plan.load_host = load_host_parts(shape, job, quant if job.quant else 0, other)
     plan.counts = {
         "parameters": shape.total_params,
         "quantized_parameters": shape.quantizable if job.quant else 0,
@@ -316,12 +318,21 @@ def load_parts(shape: Shape, job: Job, quant_bytes: float, other: int, persisten
     4-bit bases take transformers' quantized path, which builds no deepspeed.zero.Init even under
     ZeRO-3, and bitsandbytes places the whole quantized model on each rank's device; peft's k-bit
     preparation then upcasts every non-quantized parameter (embeddings, lm_head, norms) to fp32 there.
-    ZeRO-3 and FSDP2 shard only afterwards, in deepspeed.initialize / fully_shard. A full-precision
+    ZeRO-3 shards only afterwards, in deepspeed.initialize. FSDP2 builds a 4-bit base in host memory
+    instead (see load_host_parts) and the GPU receives shards. A full-precision
     base loads partitioned under ZeRO-3 (zero.Init), to host memory and then sharded onto the device
     under FSDP2 (no device map; accelerate moves the shards), and whole on the device otherwise."""
     n = max(job.world_size, 1)
     fixed = {k: v for k, v in persistent.items() if k in ("CUDA context", "process baseline (CPU)")}
     largest = max(lin.n_in * lin.n_out for lin in shape.block)
+    if job.quant in ("nf4", "fp4") and job.engine == "fsdp2" and job.cuda:
+        # Built in host memory (qlaunch.model.load.device_map_for); fully_shard moves one unit at a time
+        # to the GPU (a decoder block, or the fp32 embeddings / lm_head) and keeps 1/N of it there.
+        on_device = 0.0 if job.offload_params else 1.0
+        unit = max(quant_bytes / max(shape.layers, 1), shape.embedding_params * 4)
+        return {**fixed, "4-bit base shards (1/N)": quant_bytes / n * on_device,
+                "non-quantized weight shards, fp32 (1/N)": other * 4 / n * on_device,
+                "one unit moved whole before sharding": unit}
     if job.quant in ("nf4", "fp4"):
         parts = {**fixed, "4-bit base, whole on every rank": quant_bytes,
                  "non-quantized weights, fp32 after k-bit preparation": other * 4,
@@ -336,3 +347,14 @@ def load_parts(shape: Shape, job: Job, quant_bytes: float, other: int, persisten
     if job.zero_stage == 3 or job.engine == "fsdp2":
         return {**fixed, "base, partitioned at load": full / n + largest * job.base_bytes}
     return {**fixed, "base, whole on every rank": full}
+
+
+def load_host_parts(shape: Shape, job: Job, quant_bytes: float, other: int) -> dict:
+    """Host memory per rank while a GPU job loads, where the base is built there (FSDP2 + 4-bit): the
+    whole 4-bit base and its fp32 non-quantized weights, until fully_shard has moved the shards; the
+    checkpoint being quantized is memory-mapped (page cache, shared by the ranks of a node)."""
+    if not (job.quant in ("nf4", "fp4") and job.engine == "fsdp2" and job.cuda):
+        return {}
+    largest = max(lin.n_in * lin.n_out for lin in shape.block)
+    return {"4-bit base, whole": quant_bytes, "non-quantized weights, fp32": other * 4,
+            "one projection being quantized (16-bit)": largest * 2}

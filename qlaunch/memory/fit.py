@@ -149,12 +149,15 @@ def fit_verdict(plan: dict, options: list[tuple[str, float]] | None = None) -> d
                 "text": f"fits on {where} with {memory - peak:.1f} GB to spare ({peak:.1f} of {memory:.1f} GB)"}
     fitting = [(text, gb) for text, gb in (options or []) if gb <= memory]
     text = f"does not fit: {peak:.1f} GB > {memory:.1f} GB"
+    load_limited = plan["memory_gb"]["peak_phase"] == "load" and plan["quantization"] in ("nf4", "fp4")
+    if load_limited:
+        text += (f"; loading is the limit: the 4-bit base is placed whole on every GPU "
+                 f"({plan['memory_gb']['load_peak']:.1f} GB) before the engine shards it")
     if fitting:
         text += "; options that fit: " + ", ".join(f"{t} ({gb:.1f} GB)" for t, gb in fitting)
-    elif options is not None and plan["memory_gb"]["peak_phase"] == "load" and plan["quantization"] in ("nf4", "fp4"):
-        text += (f"; loading is the limit: the 4-bit base is placed whole on every GPU "
-                 f"({plan['memory_gb']['load_peak']:.1f} GB) before ZeRO-3 or FSDP2 shard it (qlaunch does not "
-                 "load 4-bit bases sharded yet), so more GPUs do not help; a GPU with more memory does")
+    elif options is not None and load_limited:
+        text += ("; more GPUs with --fsdp_config fsdp_configs/fsdp2.json (FSDP2 builds the 4-bit base in host memory "
+                 "and moves only each GPU's shard there), or a GPU with more memory")
     elif options is not None:
         text += "; no one-flag change fits: more GPUs with ZeRO-3 (--deepspeed ds_configs/zero3.json --num_gpus N) or a larger GPU"
     return {"fits": False, "over_gb": peak - memory, "text": text,

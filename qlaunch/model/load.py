@@ -12,6 +12,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from qlaunch.config.engine import Engine
 from qlaunch.data.templates import ensure_chat_template, ensure_pad_token
 
 log = logging.getLogger("qlaunch")
@@ -56,26 +57,31 @@ def quantization_config(quant_method: str | None, compute_dtype: torch.dtype, lo
     return None
 
 
-def device_map_for(quant_method: str | None, use_cpu: bool, zero3: bool):
-    """Quantized weights are placed at load time (the kernel is chosen for that device): each
-    DDP / ZeRO-2 rank puts its copy on its own GPU. Full-precision bases and ZeRO-3 (which
-    partitions weights itself) load without a device map."""
-    if quant_method is None or zero3:
+def device_map_for(quant_method: str | None, *, cuda: bool, engine: Engine, local_rank: int = 0):
+    """Where from_pretrained puts the base, from the device facts (a pure function: tested with GPU facts).
+
+    Quantized weights are placed at load time. Under DDP / ZeRO-2 each rank holds a whole copy, on
+    its own GPU. Under FSDP2 a 4-bit base is built in host memory instead: fully_shard then moves one
+    module at a time to the GPU and keeps only this rank's shard there (Params4bit.to carries the
+    quantization state along), so no GPU ever holds the whole quantized model. Full-precision bases
+    and ZeRO-3 (which partitions weights itself) load without a device map."""
+    if quant_method is None or engine.zero_stage == 3:
         return None
-    if use_cpu or not torch.cuda.is_available():
+    if not cuda or (engine.name == "fsdp2" and quant_method in ("nf4", "fp4")):
         return {"": "cpu"}
-    return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": local_rank}
 
 
 def load_base_model(
-    model_args, lora_args, quant_method: str | None, compute_dtype: torch.dtype, *, use_cpu: bool, zero3: bool = False,
-    load_dtype: torch.dtype | None = None,
+    model_args, lora_args, quant_method: str | None, compute_dtype: torch.dtype, *, use_cpu: bool,
+    engine: Engine = Engine(), load_dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
     kwargs = {
         "trust_remote_code": model_args.trust_remote_code,
         "dtype": load_dtype or compute_dtype,
         "quantization_config": quantization_config(quant_method, compute_dtype, lora_args),
-        "device_map": device_map_for(quant_method, use_cpu, zero3),
+        "device_map": device_map_for(quant_method, cuda=not use_cpu and torch.cuda.is_available(), engine=engine,
+                                     local_rank=int(os.environ.get("LOCAL_RANK", 0))),
     }
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation

@@ -280,21 +280,33 @@ def test_fsdp2_shards_parameters_gradients_and_optimizer_state(tmp_path):
 def test_the_verdict_follows_the_load_phase_of_a_4bit_base(tmp_path):
     """Llama-3-70B NF4 on 8x RTX 4090 with ZeRO-3 trains in ~16 GB per GPU, but bitsandbytes places the
     whole 4-bit base on every GPU before ZeRO-3 shards it (+ fp32 embeddings/lm_head after k-bit
-    preparation): the plan says it does not fit, and why; no engine change is proposed for it."""
+    preparation): the plan says it does not fit, and why, and proposes FSDP2, which builds the 4-bit base
+    in host memory and moves only shards to each GPU (its load phase is a fraction of the GPU)."""
     from qlaunch.memory.fit import options_that_fit
 
     model = config_dir("meta-llama/Meta-Llama-3-70B-Instruct", str(tmp_path))
-    for engine in (["--deepspeed", os.path.join(REPO, "ds_configs", "zero3.json")],
-                   ["--fsdp_config", os.path.join(REPO, "fsdp_configs", "fsdp2.json")]):
+    plans = {}
+    for name, engine in (("zero3", ["--deepspeed", os.path.join(REPO, "ds_configs", "zero3.json")]),
+                         ("fsdp2", ["--fsdp_config", os.path.join(REPO, "fsdp_configs", "fsdp2.json")])):
         argv = ["--config", os.path.join(REPO, "recipes", "llama3-70b-instruct-nf4-qlora.yaml"),
                 "--model_name_or_path", model, "--gpu", "RTX-4090", "--num_gpus", "8", *engine]
         ns, settings, target, stats, _ = prepare_plan(argv)
-        plan = planned(ns, settings, target, stats, options_that_fit)
-        gb = plan["memory_gb"]
-        assert gb["training_peak"] < 24 < gb["load_peak"] == gb["per_device_peak"], gb
-        assert gb["peak_phase"] == "load" and plan["fit"]["fits"] is False
-        assert "loading is the limit" in plan["fit"]["text"] and not plan["fit"]["options"]
-        assert gb["load"]["4-bit base, whole on every rank"] > 30  # ~35 GB of NF4 codes and state
+        plans[name] = planned(ns, settings, target, stats, options_that_fit)
+    gb = plans["zero3"]["memory_gb"]
+    assert gb["training_peak"] < 24 < gb["load_peak"] == gb["per_device_peak"], gb
+    assert gb["peak_phase"] == "load" and plans["zero3"]["fit"]["fits"] is False
+    assert "loading is the limit" in plans["zero3"]["fit"]["text"]
+    assert gb["load"]["4-bit base, whole on every rank"] > 30  # ~35 GB of NF4 codes and state
+    assert [o["change"] for o in plans["zero3"]["fit"]["options"]][:1] == ["--fsdp_config fsdp_configs/fsdp2.json"]
+    assert not gb["load_host_per_rank"]  # ZeRO-3 loads on the GPU
+    fs = plans["fsdp2"]["memory_gb"]
+    assert plans["fsdp2"]["fit"]["fits"] is True and fs["peak_phase"] != "load"
+    # on the GPU while loading: 1/8 of the base plus the one unit being moved (the fp32 lm_head)
+    assert fs["load"]["4-bit base shards (1/N)"] * 8 == pytest.approx(gb["load"]["4-bit base, whole on every rank"])
+    assert fs["load_peak"] < gb["load_peak"] / 4
+    # ... and the whole 4-bit base (+ fp32 non-quantized weights) in each rank's host memory
+    assert fs["load_host_per_rank"]["4-bit base, whole"] == pytest.approx(gb["load"]["4-bit base, whole on every rank"])
+    assert "host memory per rank while loading" in format_plan(plans["fsdp2"])
 
 
 def test_engine_changes_are_fit_options_only_with_several_gpus_and_never_for_gptq():

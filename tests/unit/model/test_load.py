@@ -1,0 +1,35 @@
+"""Where the base is placed at load, decided from device facts (GPU facts passed in: a CPU run cannot show them)."""
+from __future__ import annotations
+
+import pytest
+
+from qlaunch.config.engine import Engine
+from qlaunch.model.load import device_map_for
+
+DDP, ZERO2, ZERO3 = Engine(), Engine("deepspeed", zero_stage=2), Engine("deepspeed", zero_stage=3)
+FSDP2, FSDP2_OFFLOAD = Engine("fsdp2"), Engine("fsdp2", offload_optimizer=True, offload_params=True)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+@pytest.mark.parametrize("engine", [FSDP2, FSDP2_OFFLOAD])
+def test_fsdp2_builds_a_4bit_base_in_host_memory_never_on_the_gpu(quant, engine):
+    # fully_shard then moves one module at a time to the GPU and keeps this rank's shard there
+    assert device_map_for(quant, cuda=True, engine=engine, local_rank=3) == {"": "cpu"}
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "gptq"])
+@pytest.mark.parametrize("engine", [DDP, ZERO2])
+def test_replicating_engines_put_each_rank_s_4bit_copy_on_its_own_gpu(quant, engine):
+    assert device_map_for(quant, cuda=True, engine=engine, local_rank=3) == {"": 3}
+    assert device_map_for(quant, cuda=True, engine=engine, local_rank=0) == {"": 0}
+
+
+@pytest.mark.parametrize("engine", [DDP, ZERO2, ZERO3, FSDP2])
+def test_full_precision_and_zero3_load_without_a_device_map(engine):
+    assert device_map_for(None, cuda=True, engine=engine, local_rank=1) is None
+    assert device_map_for("nf4", cuda=True, engine=ZERO3, local_rank=1) is None
+
+
+@pytest.mark.parametrize("engine", [DDP, ZERO2, FSDP2])
+def test_without_cuda_a_quantized_base_loads_on_the_cpu(engine):
+    assert device_map_for("nf4", cuda=False, engine=engine, local_rank=1) == {"": "cpu"}

@@ -116,10 +116,20 @@ def load_model(config):
 
         deepspeed.init_distributed(dist_backend="gloo" if targs.use_cpu else None)
     settings = config.settings
-    model = load_base_model(
-        margs, largs, config.quant_method, config.compute_dtype, use_cpu=targs.use_cpu,
-        engine=settings.engine if settings else Engine(), load_dtype=settings.load_dtype if settings else None,
-    )
+
+    def load():
+        return load_base_model(
+            margs, largs, config.quant_method, config.compute_dtype, use_cpu=targs.use_cpu,
+            engine=settings.engine if settings else Engine(), load_dtype=settings.load_dtype if settings else None,
+        )
+
+    if settings and settings.rank0_load:
+        from qlaunch.model.rank0_load import load_on_rank0
+
+        _ = targs.device  # accelerate's process group, which the skeleton is broadcast over
+        model = load_on_rank0(load)
+    else:
+        model = load()
     targets = None
     if largs.use_lora:
         model = attach_lora(
@@ -245,9 +255,14 @@ def fit(config, extra_callbacks=()) -> Outcome:
         return Outcome("dry_run")
 
     model, targets = load_model(config)
+    rank0_weights = None
+    if config.settings and config.settings.rank0_load:
+        from qlaunch.model.rank0_load import rank0_tensors
+
+        rank0_weights = rank0_tensors(model)  # before fully_shard replaces them; scattered after it
     preemption, guard, clock = PreemptionCallback(), NonFiniteLossGuard(), RunClock()
     trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset,
-                            [preemption, guard, clock, *extra_callbacks])
+                            [preemption, guard, clock, *extra_callbacks], rank0_weights=rank0_weights)
     info = describe_run(config, trainer, model, targets)
     resume = agreed_resume(resume_request(targs.resume_from_checkpoint, os.environ), targs.output_dir)
     result = train_or_finish(trainer, resume)

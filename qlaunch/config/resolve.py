@@ -36,6 +36,7 @@ class Settings:
     load_dtype: torch.dtype | None = None  # the base's dtype at load (None: the compute dtype)
     fp32_trainables: bool = False  # upcast fp16 trainable parameters after LoRA is attached
     engine: Engine = field(default_factory=Engine)  # DDP, DeepSpeed ZeRO-n or FSDP2: what is sharded
+    rank0_load: bool = False  # FSDP2 + 4-bit: rank 0 reads the base, the others get shards (model/rank0_load)
     model: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -151,6 +152,10 @@ def resolve_fsdp(ns: argparse.Namespace, settings: Settings, env=os.environ) -> 
         settings.problems.append(GPTQ_FSDP)
     else:
         shard_4bit_storage(ns, settings, "FSDP2")
+    if settings.quant_method in ("nf4", "fp4") and world_size(env) > 1:
+        settings.rank0_load = True
+        settings.notes.append("FSDP2 with a 4-bit base: rank 0 loads it in host memory; the other ranks read nothing "
+                              "and receive their shards once fully_shard has run.")
     if world_size(env) < 2 and not ns.dry_run:
         settings.problems.append("--fsdp_config: FSDP2 shards across processes, and this is one: start 2 or more "
                                  "with a launcher (bash launch/qlora_ds.sh --fsdp fsdp_configs/fsdp2.json ...).")

@@ -350,11 +350,13 @@ def load_parts(shape: Shape, job: Job, quant_bytes: float, other: int, persisten
 
 
 def load_host_parts(shape: Shape, job: Job, quant_bytes: float, other: int) -> dict:
-    """Host memory per rank while a GPU job loads, where the base is built there (FSDP2 + 4-bit): the
-    whole 4-bit base and its fp32 non-quantized weights, until fully_shard has moved the shards; the
-    checkpoint being quantized is memory-mapped (page cache, shared by the ranks of a node)."""
+    """Host memory while a GPU job loads, where the base is built there (FSDP2 + 4-bit): rank 0 reads it
+    whole (4-bit, with fp32 non-quantized weights) and keeps it until every rank has its shards; the other
+    ranks hold only the quantization state of the skeleton they are sent (qlaunch.model.rank0_load)."""
     if not (job.quant in ("nf4", "fp4") and job.engine == "fsdp2" and job.cuda):
         return {}
     largest = max(lin.n_in * lin.n_out for lin in shape.block)
-    return {"4-bit base, whole": quant_bytes, "non-quantized weights, fp32": other * 4,
-            "one projection being quantized (16-bit)": largest * 2}
+    state = max(quant_bytes - shape.quantizable / 2, 0.0)
+    return {"rank 0: 4-bit base, whole": quant_bytes, "rank 0: non-quantized weights, fp32": other * 4,
+            "rank 0: one projection being quantized (16-bit)": largest * 2,
+            "each other rank: quantization state of the skeleton": state}

@@ -149,7 +149,7 @@ def compute(args, settings, target: Target, shape, stats: dict | None = None) ->
     gb = {"per_device_peak": peak / GiB, "peak_phase": plan.peak_phase if plan.peak_bytes >= plan.load_bytes else "load",
           "training_peak": plan.peak_bytes / GiB, "load_peak": plan.load_bytes / GiB,
           "load": {k: v / GiB for k, v in plan.load.items()},
-          "load_host_per_rank": {k: v / GiB for k, v in plan.load_host.items()},
+          "load_host": {k: v / GiB for k, v in plan.load_host.items()},
           "persistent": {k: v / GiB for k, v in plan.persistent.items()},
           "peak_transient": {k: v / GiB for k, v in plan.transient.items()},
           "phases": {name: (sum(plan.persistent.values()) + sum(parts.values())) / GiB
@@ -161,7 +161,6 @@ def compute(args, settings, target: Target, shape, stats: dict | None = None) ->
         "device": {"name": target.name, "memory_gb": target.memory_bytes / GiB if target.memory_bytes else None,
                    "capability": ".".join(map(str, target.machine.capability)) if target.machine.cuda else None},
         "world_size": target.world_size,
-        "ranks_per_node": target.num_gpus,
         "quantization": settings.quant_method,
         "precision": {"compute_dtype": str(settings.compute_dtype).replace("torch.", ""),
                       "fp16": bool(precision and precision.fp16), "bf16": bool(precision and precision.bf16)},
@@ -202,10 +201,12 @@ def format_plan(plan: dict) -> str:
     lines.append("  while loading (before the engine shards):")
     lines += [f"    {name:40} {v:8.2f} GB" for name, v in gb["load"].items() if v >= 0.005]
     lines.append(f"  {'load peak per device':42} {gb['load_peak']:8.2f} GB")
-    host = gb.get("load_host_per_rank") or {}
+    host = gb.get("load_host") or {}
     if host:
-        lines.append(f"  {'host memory per rank while loading':42} {sum(host.values()):8.2f} GB"
-                     f" (x {plan.get('ranks_per_node', 1)} ranks per node: the 4-bit base is built there)")
+        rank0 = sum(v for k, v in host.items() if k.startswith("rank 0"))
+        others = sum(v for k, v in host.items() if not k.startswith("rank 0"))
+        lines.append(f"  {'host memory while loading, rank 0':42} {rank0:8.2f} GB (the 4-bit base is built there)")
+        lines.append(f"  {'host memory while loading, other ranks':42} {others:8.2f} GB (quantization state only)")
     lines.append(f"  {'peak per device':42} {gb['per_device_peak']:8.2f} GB"
                  + (" (loading)" if gb["peak_phase"] == "load" else ""))
     if plan.get("fit"):

@@ -12,7 +12,7 @@ from transformers import Trainer
 
 from qlaunch.data.collate import PaddingCollator, flattens_packed_rows
 from qlaunch.train.checkpoints import AtomicCheckpointMixin, newest_complete_checkpoint
-from qlaunch.train.fsdp import CpuFsdp2Mixin
+from qlaunch.train.fsdp import Fsdp2Mixin
 from qlaunch.train.loss import LabelledLogitsMixin, labelled_logits_unsupported
 from qlaunch.train.metrics import TrainedTokenCountMixin
 
@@ -27,13 +27,15 @@ def make_collator(tokenizer, on_gpu: bool, attn_implementation: str | None = Non
                            flatten_packed=flattens_packed_rows(attn_implementation))
 
 
-class QlaunchTrainer(CpuFsdp2Mixin, AtomicCheckpointMixin, TrainedTokenCountMixin, LabelledLogitsMixin, Trainer):
+class QlaunchTrainer(Fsdp2Mixin, AtomicCheckpointMixin, TrainedTokenCountMixin, LabelledLogitsMixin, Trainer):
     """transformers' Trainer with atomic checkpoints (qlaunch/train/checkpoints.py), a count of the
     trained tokens (qlaunch/train/metrics.py), logits only at labelled positions (qlaunch/train/loss.py)
     and FSDP2 on CPU worlds as on GPUs (qlaunch/train/fsdp.py)."""
 
 
-def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, callbacks=()):
+def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, callbacks=(), rank0_weights=None):
+    """rank0_weights: rank 0's tensors of a base loaded there only (qlaunch.model.rank0_load), sent to the shards
+    once FSDP2 has sharded the model."""
     args = config.training
     trainer = QlaunchTrainer(
         model=model,
@@ -45,6 +47,7 @@ def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, ca
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
+    trainer.rank0_weights = rank0_weights
     if args.labelled_logits_only:
         reason = labelled_logits_unsupported(model)
         if reason:

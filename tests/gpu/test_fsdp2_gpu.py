@@ -3,7 +3,9 @@
 Needs 2 GPUs. A ~300M random Llama (built locally) trains NF4 Q-LoRA under FSDP2 with 2 processes
 and with 1, bf16 where the GPU has it; each rank's torch.cuda.max_memory_allocated() is compared with
 the plan's per-device numbers for the same flags (±25%, the CUDA context excluded: the allocator does
-not count it)."""
+not count it). The 4-bit base is built in host memory on rank 0 only (quantization state and all moved
+to the GPU by fully_shard on rank 0, by the scatter on rank 1): rank 1 never reads the checkpoint. The
+offload variant runs the same scatter into host-memory shards (it cannot run on a CPU world)."""
 from __future__ import annotations
 
 import json
@@ -64,3 +66,18 @@ def test_fsdp2_nf4_on_two_gpus_equals_one_and_memory_follows_the_plan(model, tmp
         planned = max(plan["training_peak"], plan["load_peak"]) - context
         assert 0.75 * planned <= measured <= 1.25 * planned, (dump["rank"], measured, planned)
         assert dump["local_param_bytes"] <= dump["full_param_bytes"] / 2 * 1.1
+        assert dump["from_pretrained_calls"] == (1 if dump["rank"] == 0 else 0)
+
+
+def test_fsdp2_offload_nf4_on_two_gpus_equals_one(model, tmp_path):
+    from launchkit import launch
+
+    path, data = model
+    args = ["-m", path, "-d", data, "--", *TRAIN]
+    one = launch("qlora_single_gpu.sh", ["-o", str(tmp_path / "one"), *args, "--per_device_train_batch_size", "2"],
+                 tmp_path / "one", env=gpu_env()).check()
+    two = launch("qlora_ds.sh", ["--fsdp", os.path.join(REPO, "fsdp_configs", "fsdp2_offload.json"),
+                                 "-o", str(tmp_path / "two"), *args, "--per_device_train_batch_size", "1"],
+                 tmp_path / "two", env=gpu_env(NPROC_PER_NODE=2)).check()
+    assert "reached their shards on every rank" in two.text
+    np.testing.assert_allclose(two.losses(), one.losses(), rtol=1e-2)

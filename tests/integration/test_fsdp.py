@@ -2,7 +2,8 @@
 
 Each 2-process run must form one world of size 2, shard the model (each rank holds about half the
 parameter bytes), end with the same weights on every rank, and equal the 1-process run with the same
-global batch (dropout 0). The NF4 run checkpoints mid-run; resuming from that checkpoint must end
+global batch (dropout 0). The NF4 base is read by rank 0 only (the other rank gets a skeleton and
+its shards: qlaunch/model/rank0_load.py). The NF4 run checkpoints mid-run; resuming from that checkpoint must end
 bit-identical to the uninterrupted run, and the LoRA run's adapter must load with plain peft.
 """
 from __future__ import annotations
@@ -33,9 +34,13 @@ def relative_adapter_diff(run, ref) -> float:
     return max_abs_diff(a, b) / max(float(t.abs().max()) for t in b.values())
 
 
+def rank_dumps(run) -> dict:
+    return {int(f.stem[4:]): torch.load(f, weights_only=True) for f in sorted(run.dump.glob("rank*.pt"))}
+
+
 def assert_sharded(run, world_size: int) -> None:
     """Every rank holds about 1/N of the parameter bytes (at most 1/N plus its largest tensor)."""
-    dumps = {int(f.stem[4:]): torch.load(f, weights_only=True) for f in sorted(run.dump.glob("rank*.pt"))}
+    dumps = rank_dumps(run)
     assert sorted(dumps) == list(range(world_size))
     for rank, dump in dumps.items():
         local, full = dump["local_param_bytes"], dump["full_param_bytes"]
@@ -65,6 +70,8 @@ def test_fsdp2_lora_two_processes_equal_one_and_load_with_plain_peft(launch_demo
     assert "--fsdp_config" in run.text and "--deepspeed" not in run.text.split("torch.distributed.run")[1]
     assert_ranks_identical(run, 2)
     assert_sharded(run, 2)
+    # a full-precision base is not loaded on rank 0 only: every rank reads it (accelerate shards it)
+    assert [d["from_pretrained_calls"] for _, d in sorted(rank_dumps(run).items())] == [1, 1]
     np.testing.assert_allclose(run.losses(), single_run.losses(), rtol=1e-5)
     diff = relative_adapter_diff(run, single_run)
     print(f"FSDP2 LoRA vs 1 process: relative adapter diff {diff:.3g}")
@@ -89,6 +96,9 @@ def test_fsdp2_nf4_two_processes_equal_one(nf4_fsdp, nf4_single):
     assert "4-bit weights stored as float32 (--bnb_4bit_quant_storage) so FSDP2 can shard them" in nf4_fsdp.text
     assert_ranks_identical(nf4_fsdp, 2)
     assert_sharded(nf4_fsdp, 2)  # the packed 4-bit weights too: stored as float32, they shard
+    # rank 0 alone read the checkpoint; rank 1 built the skeleton it was sent and received its shards
+    assert [d["from_pretrained_calls"] for _, d in sorted(rank_dumps(nf4_fsdp).items())] == [1, 0]
+    assert "tensors of the base loaded on rank 0 reached their shards on every rank" in nf4_fsdp.text
     np.testing.assert_allclose(nf4_fsdp.losses(), nf4_single.losses(), rtol=NF4_LOSS_RTOL)
     assert relative_adapter_diff(nf4_fsdp, nf4_single) <= 1e-2
 

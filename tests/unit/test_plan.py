@@ -298,15 +298,18 @@ def test_the_verdict_follows_the_load_phase_of_a_4bit_base(tmp_path):
     assert "loading is the limit" in plans["zero3"]["fit"]["text"]
     assert gb["load"]["4-bit base, whole on every rank"] > 30  # ~35 GB of NF4 codes and state
     assert [o["change"] for o in plans["zero3"]["fit"]["options"]][:1] == ["--fsdp_config fsdp_configs/fsdp2.json"]
-    assert not gb["load_host_per_rank"]  # ZeRO-3 loads on the GPU
+    assert not gb["load_host"]  # ZeRO-3 loads on the GPU
     fs = plans["fsdp2"]["memory_gb"]
     assert plans["fsdp2"]["fit"]["fits"] is True and fs["peak_phase"] != "load"
     # on the GPU while loading: 1/8 of the base plus the one unit being moved (the fp32 lm_head)
     assert fs["load"]["4-bit base shards (1/N)"] * 8 == pytest.approx(gb["load"]["4-bit base, whole on every rank"])
     assert fs["load_peak"] < gb["load_peak"] / 4
-    # ... and the whole 4-bit base (+ fp32 non-quantized weights) in each rank's host memory
-    assert fs["load_host_per_rank"]["4-bit base, whole"] == pytest.approx(gb["load"]["4-bit base, whole on every rank"])
-    assert "host memory per rank while loading" in format_plan(plans["fsdp2"])
+    # ... and the whole 4-bit base (+ fp32 non-quantized weights) in rank 0's host memory only; the other
+    # ranks hold the quantization state of the skeleton they are sent (1/64 of the weights + double quant)
+    host = fs["load_host"]
+    assert host["rank 0: 4-bit base, whole"] == pytest.approx(gb["load"]["4-bit base, whole on every rank"])
+    assert 0.02 < host["each other rank: quantization state of the skeleton"] / host["rank 0: 4-bit base, whole"] < 0.04
+    assert "host memory while loading, other ranks" in format_plan(plans["fsdp2"])
 
 
 def test_engine_changes_are_fit_options_only_with_several_gpus_and_never_for_gptq():

@@ -153,11 +153,17 @@ def test_fsdp_config_turns_fsdp2_on_and_shards_nf4_in_the_compute_dtype(demo):
         assert settings.training["fsdp"] is True and settings.engine.name == "fsdp2"
         assert settings.engine.shards_parameters and settings.engine.label == "FSDP2"
         assert settings.lora["bnb_4bit_quant_storage"] == storage
+        assert settings.rank0_load  # rank 0 reads the 4-bit base; the others receive their shards
     chosen = resolve(ns(demo, "--q_lora", "--fsdp_config", FSDP2, "--bnb_4bit_quant_storage", "float32"), A100, env=TWO)
     assert "bnb_4bit_quant_storage" not in chosen.lora and not chosen.problems
     offload = resolve(ns(demo, "--use_lora", "--fsdp_config", os.path.join(REPO, "fsdp_configs", "fsdp2_offload.json")),
                       A100, env=TWO)
     assert offload.engine.offload_params and offload.engine.label == "FSDP2 + CPU offload"
+    assert not offload.rank0_load  # a full-precision base: accelerate's own loading
+    planned = resolve(ns(demo, "--q_lora", "--fsdp_config", FSDP2, "--dry_run", "True"), A100, env={})
+    assert not planned.rank0_load  # one process: nobody to send to
+    zero3 = resolve(ns(demo, "--q_lora", "--deepspeed", os.path.join(REPO, "ds_configs", "zero3.json")), A100, env=TWO)
+    assert not zero3.rank0_load
 
 
 @pytest.mark.parametrize("extra, config, problem", [

@@ -44,8 +44,12 @@ def _dump(trainer) -> None:
                 "local_param_bytes": local, "full_param_bytes": full,
                 "max_memory_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
                 "rss_at_train_start_kib": getattr(trainer, "_qlaunch_test_rss_at_train", None),
-                "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
+                "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                "from_pretrained_calls": _FROM_PRETRAINED_CALLS[0]},
                os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+_FROM_PRETRAINED_CALLS = [0]  # models this process read from a checkpoint (rank-0 loading: 0 on other ranks)
 
 
 def _full(p):
@@ -82,6 +86,16 @@ def _patch(module) -> None:
 
     save_model._qlaunch_test_wrapped = True
     trainer_cls.save_model = save_model
+
+    from transformers.modeling_utils import PreTrainedModel
+
+    original_from_pretrained = PreTrainedModel.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        _FROM_PRETRAINED_CALLS[0] += 1
+        return original_from_pretrained(cls, *args, **kwargs)
+
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
 
     original_train = trainer_cls.train
 

@@ -6,7 +6,8 @@ A ~300M-parameter random Llama (built locally; weights dominate) trains NF4 Q-Lo
 FSDP2 and ZeRO-3 with N = 2 and 4 CPU processes (torchrun through launch/qlora_ds.sh, gloo,
 127.0.0.1). Each rank records, through the test hook tests/integration/_hooks/dump_weights: the bytes
 of parameter storage it holds after training (its shard), its peak RSS when training starts (the
-model loaded, not yet sharded) and at the end. Beside them: `python -m qlaunch.plan` for the same
+model loaded, not yet sharded) and at the end, and how many times it read the checkpoint
+(`reads`: under FSDP2 rank 0 alone reads a 4-bit base; the plan's load phase is rank 0's). Beside them: `python -m qlaunch.plan` for the same
 flags and world size (this CPU: the load phase, which here includes the memory-mapped fp32 checkpoint,
 and the per-process peak = the larger of load and training).
 `--quick`: N = 2 only. Prints a table, writes bench/results/sharding.json. Nothing else may run
@@ -72,7 +73,8 @@ def measure(model: str, data: str, engine: str, n: int, work: str) -> list[dict]
         d = torch.load(f, weights_only=True)
         rows.append({"rank": d["rank"], "world_size": d["world_size"], "local_param_bytes": d["local_param_bytes"],
                      "full_param_bytes": d["full_param_bytes"], "rss_load_gib": d["rss_at_train_start_kib"] / 2**20,
-                     "rss_peak_gib": d["peak_rss_kib"] / 2**20, "seconds": run.seconds})
+                     "rss_peak_gib": d["peak_rss_kib"] / 2**20, "seconds": run.seconds,
+                     "from_pretrained_calls": d.get("from_pretrained_calls")})
     return rows
 
 
@@ -97,12 +99,12 @@ def main() -> None:
                                     "plan_load_gib": plan["load_peak"], "plan_training_gib": plan["training_peak"],
                                     "plan_peak_gib": plan["per_device_peak"]})
         header = (f"{'engine':7} {'N':>2} {'rank':>4} {'local/full params':>18} {'<=1/N+layer':>11} "
-                  f"{'RSS load':>9} {'plan load':>9} {'ratio':>5} {'RSS peak':>9} {'plan peak':>9} {'ratio':>5}")
+                  f"{'reads':>5} {'RSS load':>9} {'plan load':>9} {'ratio':>5} {'RSS peak':>9} {'plan peak':>9} {'ratio':>5}")
         print(header)
         for r in results:
             share = f"{r['share']:.3f}" if r["share"] is not None else "n/a"
             print(f"{r['engine']:7} {r['world_size']:>2} {r['rank']:>4} {share:>18} "
-                  f"{str(r['within_1_over_n_plus_a_layer']):>11} {r['rss_load_gib']:>8.2f}G {r['plan_load_gib']:>8.2f}G "
+                  f"{str(r['within_1_over_n_plus_a_layer']):>11} {r['from_pretrained_calls']!s:>5} {r['rss_load_gib']:>8.2f}G {r['plan_load_gib']:>8.2f}G "
                   f"{r['rss_load_gib'] / r['plan_load_gib']:>5.2f} {r['rss_peak_gib']:>8.2f}G {r['plan_peak_gib']:>8.2f}G "
                   f"{r['rss_peak_gib'] / r['plan_peak_gib']:>5.2f}")
         os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)

@@ -37,6 +37,7 @@ DIMS = {
     "Qwen/Qwen2.5-7B-Instruct": _llama("qwen2", 3584, 18944, 28, 28, 4, 152064),
     "meta-llama/Meta-Llama-3-8B-Instruct": _llama("llama", 4096, 14336, 32, 32, 8, 128256),
     "meta-llama/Meta-Llama-3-70B-Instruct": _llama("llama", 8192, 28672, 80, 64, 8, 128256),
+    "meta-llama/Llama-2-70b-hf": _llama("llama", 8192, 28672, 80, 64, 8, 32000),
     "mistralai/Mistral-7B-Instruct-v0.3": _llama("mistral", 4096, 14336, 32, 32, 8, 32768),
 }
 # The real config.json (and the Int4 variant's quantization_config added) where ../shared has it.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 import torch
@@ -80,8 +81,15 @@ def upcast_trainable_fp16(model: torch.nn.Module) -> int:
 
 
 def numel(param: torch.Tensor) -> int:
-    # Under ZeRO-3 a partitioned parameter is an empty placeholder; ds_numel is its real size.
-    return getattr(param, "ds_numel", None) or param.numel()
+    """The weights a parameter stands for, as transformers' num_parameters counts them: under ZeRO-3 a
+    partitioned parameter is an empty placeholder (ds_numel is its size); a bitsandbytes 4-bit parameter
+    packs two weights per byte of its storage (uint8: numel x 2, bf16: numel x 4) — its quantization
+    state keeps the original shape."""
+    n = getattr(param, "ds_numel", None) or param.numel()
+    if type(param).__name__ != "Params4bit" or not getattr(param, "bnb_quantized", False):
+        return n
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape else n * 2 * param.element_size()
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

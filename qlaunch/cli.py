@@ -103,7 +103,7 @@ def load_model(config):
     from transformers import set_seed
 
     from qlaunch.model.load import load_base_model
-    from qlaunch.model.lora import attach_lora, upcast_trainable_fp16
+    from qlaunch.model.lora import attach_lora, upcast_trainables
 
     margs, largs, targs = config.model, config.lora, config.training
     # Seed before the model exists: LoRA's A matrices are drawn at attach time, before the Trainer seeds.
@@ -137,10 +137,10 @@ def load_model(config):
         )
         targets = sorted(next(iter(model.peft_config.values())).target_modules)
         if config.settings and config.settings.fp32_trainables:
-            upcast = upcast_trainable_fp16(model)
+            upcast = upcast_trainables(model)
             if upcast:
-                log.info("fp16 mixed precision: %d trainable fp16 tensors (modules_to_save, biases) kept in "
-                         "float32 so the GradScaler can update them.", upcast)
+                log.info("Mixed precision: %d trainable 16-bit tensors (modules_to_save, biases) kept in float32, "
+                         "so the optimizer updates float32 weights.", upcast)
     elif targs.activation_checkpointing:
         model.enable_input_require_grads()
     return model, targets
@@ -184,7 +184,7 @@ def verify_final_save(config, trainer) -> str | None:
             if trainer.is_world_process_zero():
                 problems = verify_saved_adapter(trainer.model, config.training.output_dir,
                                                 compare_logits=not (zero3 or trainer.is_fsdp_enabled),
-                                                expected=expected)
+                                                expected=expected, compute_dtype=config.compute_dtype)
     if any_rank(bool(problems), trainer.args.device):
         return ("the saved adapter does not match the trained model: " + " ".join(problems)
                 if problems else "the saved adapter failed verification on the main process.")

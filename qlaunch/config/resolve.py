@@ -34,7 +34,7 @@ class Settings:
     quant_method: str | None = None
     precision: Precision | None = None
     load_dtype: torch.dtype | None = None  # the base's dtype at load (None: the compute dtype)
-    fp32_trainables: bool = False  # upcast fp16 trainable parameters after LoRA is attached
+    fp32_trainables: bool = False  # upcast 16-bit trainable parameters after LoRA is attached
     engine: Engine = field(default_factory=Engine)  # DDP, DeepSpeed ZeRO-n or FSDP2: what is sharded
     rank0_load: bool = False  # FSDP2 + 4-bit: rank 0 reads the base, the others get shards (model/rank0_load)
     model: dict[str, Any] = field(default_factory=dict)
@@ -197,21 +197,25 @@ def resolve_distributed(ns: argparse.Namespace, settings: Settings, machine: Mac
         training["ddp_broadcast_buffers"] = False
 
 
-def resolve_fp16_trainables(ns: argparse.Namespace, settings: Settings) -> None:
-    """fp16 mixed precision cannot update fp16 parameters (GradScaler: "Attempting to unscale FP16
-    gradients"). Without DeepSpeed (whose fp16 optimizer keeps fp32 master weights itself):
-    full fine-tuning loads the base in float32 (autocast computes in fp16), and LoRA runs keep
-    every trainable parameter in float32 — adapters (peft does that), and also
-    --lora_modules_to_save copies and --lora_bias all|lora_only biases, which peft leaves in the
-    base's dtype."""
-    if not (settings.precision and settings.precision.fp16) or ns.deepspeed:
+def resolve_fp32_trainables(ns: argparse.Namespace, settings: Settings) -> None:
+    """Mixed precision keeps the weights it updates in float32; autocast computes in 16 bits. fp16
+    parameters cannot be updated at all (GradScaler: "Attempting to unscale FP16 gradients"), and bf16
+    parameters keep AdamW's moments in bf16 too (torch stores optimizer state in the parameter's dtype)
+    and drop every update smaller than 1/256 of the weight. Without DeepSpeed (whose optimizers keep
+    fp32 master weights themselves): full fine-tuning loads the base in float32, and LoRA runs keep every
+    trainable parameter in float32 — adapters (peft does that), and also --lora_modules_to_save copies
+    and --lora_bias all|lora_only biases, which peft leaves in the base's dtype."""
+    precision = settings.precision
+    if not (precision and (precision.fp16 or precision.bf16)) or ns.deepspeed:
         return
     if settings.lora.get("use_lora", ns.use_lora):
         settings.fp32_trainables = True
     elif settings.quant_method is None:
         settings.load_dtype = torch.float32
-        settings.notes.append("fp16 full fine-tuning: weights loaded in float32 (fp16 autocast computes; "
-                              "GradScaler cannot update fp16 weights).")
+        half = "fp16" if precision.fp16 else "bf16"
+        why = ("GradScaler cannot update fp16 weights" if precision.fp16 else
+               "bf16 weights and AdamW states would drop updates smaller than 1/256 of a weight")
+        settings.notes.append(f"{half} full fine-tuning: weights loaded in float32 ({half} autocast computes; {why}).")
 
 
 def resolve_packing(ns: argparse.Namespace, path: str | None, settings: Settings) -> None:
@@ -257,7 +261,7 @@ def resolve(ns: argparse.Namespace, machine: Machine, env=os.environ) -> Setting
         resolve_deepspeed(ns, settings)
     resolve_fsdp(ns, settings, env)
     resolve_distributed(ns, settings, machine, env)
-    resolve_fp16_trainables(ns, settings)
+    resolve_fp32_trainables(ns, settings)
     if ns.warmup_ratio is not None and 0 <= ns.warmup_ratio < 1:
         settings.training["warmup_steps"] = ns.warmup_ratio  # transformers 5: warmup_steps < 1 is a ratio
     if ns.include_num_input_tokens_seen in ("no", False, None):

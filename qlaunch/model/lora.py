@@ -70,11 +70,12 @@ def attach_lora(model: PreTrainedModel, lora_args, *, quant_method: str | None, 
     return get_peft_model(model, config)
 
 
-def upcast_trainable_fp16(model: torch.nn.Module) -> int:
-    """fp16 trainable parameters → float32 (fp16 mixed precision cannot update fp16 weights). Returns how many."""
+def upcast_trainables(model: torch.nn.Module) -> int:
+    """16-bit trainable parameters → float32, so mixed precision updates float32 weights (and keeps float32
+    optimizer state): fp16 ones cannot be unscaled, bf16 ones lose small updates. Returns how many."""
     count = 0
     for param in model.parameters():
-        if param.requires_grad and param.dtype == torch.float16:
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
             count += 1
     return count

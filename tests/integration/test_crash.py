@@ -10,7 +10,7 @@ import signal
 import time
 
 import pytest
-from launchkit import TINY, base_env, finish, launch, max_abs_diff
+from launchkit import TINY, base_env, launch, max_abs_diff
 
 pytestmark = [pytest.mark.integration, pytest.mark.torchrun, pytest.mark.slow]
 

@@ -164,7 +164,6 @@ def test_max_restarts_c10d_restarts_a_killed_worker_and_resumes(launch_demo, run
     import os
     import re
     import signal
-    import time
 
     steps = 200
     out = runs_dir / "restart"
@@ -200,7 +199,6 @@ def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step(launch_demo, runs
     import os
     import re
     import signal
-    import time
 
     steps = 300
     out = runs_dir / "preempt_one_rank"

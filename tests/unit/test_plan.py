@@ -205,7 +205,6 @@ def test_fit_verdict_options_are_replanned(tmp_path):
 
 def test_dry_run_prints_the_same_plan_as_the_plan_command(demo, tmp_path, caplog):
     from qlaunch.cli import fit
-    from qlaunch.plan import main
 
     flags = ["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--output_dir", str(tmp_path),
              "--q_lora", "--model_max_length", "64"]

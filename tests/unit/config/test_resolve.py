@@ -34,20 +34,66 @@ def test_fp16_full_fine_tuning_loads_fp32_weights(demo):
     assert settings.compute_dtype == torch.float16 and any("fp16 full fine-tuning" in n for n in settings.notes)
 
 
+def test_bf16_keeps_trainables_fp32_too(demo):
+    """bf16 weights keep bf16 AdamW moments and drop updates below 1/256 of a weight: the weights the
+    optimizer updates are float32 under bf16 as under fp16 (issue 24 item 1)."""
+    assert resolve(ns(demo, "--use_lora"), A100).fp32_trainables  # auto → bf16 on Ampere
+    full = resolve(ns(demo), A100)
+    assert full.load_dtype == torch.float32 and full.compute_dtype == torch.bfloat16
+    assert any("bf16 full fine-tuning: weights loaded in float32" in n for n in full.notes)
+
+
 def test_no_fp32_upcast_where_it_is_not_needed(demo):
-    assert not resolve(ns(demo, "--use_lora"), A100).fp32_trainables  # bf16: no GradScaler
-    assert resolve(ns(demo), A100).load_dtype is None
-    assert not resolve(ns(demo, "--use_lora"), CPU).fp32_trainables
+    assert not resolve(ns(demo, "--use_lora"), CPU).fp32_trainables  # CPU trains in float32
+    assert resolve(ns(demo), CPU).load_dtype is None
     with_ds = resolve(ns(demo, "--fp16", "True", "--deepspeed", ZERO2), A100)  # DeepSpeed keeps fp32 masters
     assert with_ds.load_dtype is None and not with_ds.fp32_trainables
+    bf16_ds = resolve(ns(demo, "--bf16", "True", "--deepspeed", ZERO2), A100)
+    assert bf16_ds.load_dtype is None and not bf16_ds.fp32_trainables
+    assert resolve(ns(demo, "--q_lora"), A100).load_dtype is None  # a 4-bit base is never upcast
+
+
+def test_a_bf16_update_below_the_weight_resolution_survives_only_in_float32(demo):
+    """AdamW at lr 1e-4 on weights at 1.0 (bf16 resolution there: 2**-7): 10 steps under bf16 autocast
+    leave bf16 trainables exactly at 1.0 and move float32 ones by ~1e-3."""
+    from transformers import AutoModelForCausalLM
+
+    from qlaunch.model.lora import attach_lora, upcast_trainables
+
+    def copy_after_training(upcast: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(demo["model"], dtype=torch.bfloat16)
+        lora = parse_namespace(["--use_lora", "--lora_r", "4", "--lora_modules_to_save", "lm_head"])
+        model = attach_lora(model, lora, quant_method=None, gradient_checkpointing=False)
+        if upcast:
+            assert upcast_trainables(model) > 0
+        [copy] = [p for n, p in model.named_parameters() if "modules_to_save" in n and p.requires_grad]
+        with torch.no_grad():
+            copy.fill_(1.0)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                      weight_decay=0.0)
+        ids = torch.arange(1, 17).unsqueeze(0)
+        for _ in range(10):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return copy.detach().float()
+
+    lost = copy_after_training(upcast=False)
+    kept = copy_after_training(upcast=True)
+    assert torch.equal(lost, torch.ones_like(lost))  # every update rounded away
+    moved = (kept - 1).abs()
+    assert (moved > 5e-4).float().mean() > 0.5 and moved.max() < 2e-3
 
 
 def test_fp16_trainables_crash_the_grad_scaler_until_upcast(demo):
     """The GPU failure, reproduced with torch's real GradScaler: fp16 trainable parameters (LoRA with
-    modules_to_save and biases on an fp16 base) cannot be unscaled; after upcast_trainable_fp16 they can."""
+    modules_to_save and biases on an fp16 base) cannot be unscaled; after upcast_trainables they can."""
     from transformers import AutoModelForCausalLM
 
-    from qlaunch.model.lora import attach_lora, upcast_trainable_fp16
+    from qlaunch.model.lora import attach_lora, upcast_trainables
 
     def trainable_after_scaled_backward(upcast: bool):
         model = AutoModelForCausalLM.from_pretrained(demo["model"], dtype=torch.float16)
@@ -55,7 +101,7 @@ def test_fp16_trainables_crash_the_grad_scaler_until_upcast(demo):
                                 "--lora_modules_to_save", "embed_tokens", "lm_head"])
         model = attach_lora(model, lora, quant_method=None, gradient_checkpointing=False)
         if upcast:
-            assert upcast_trainable_fp16(model) > 0
+            assert upcast_trainables(model) > 0
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-3)
         scaler = torch.amp.GradScaler("cpu")

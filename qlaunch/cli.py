@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from qlaunch.cluster.preemption import PreemptionSignals
 from qlaunch.config.engine import Engine
 from qlaunch.config.errors import UsageError
 
@@ -235,8 +236,22 @@ class Outcome:
         return 1 if self.status in ("non_finite", "verify_failed") else 0
 
 
-def fit(config, extra_callbacks=()) -> Outcome:
-    """Load, train, save and report."""
+def preempted_before_training(signals, targs, stage: str) -> Outcome | None:
+    """A preemption signal that arrived before the first step (any rank): stop here, requeue, exit 0."""
+    from qlaunch.train.callbacks import any_rank
+    from qlaunch.train.trainer import requeue_if_slurm
+
+    if not any_rank(signals.received is not None, targs.device):
+        return None
+    message = (f"Stopped by {signals.received or 'a signal to another rank'} while {stage}, before training: "
+               "nothing trained, nothing to checkpoint.")
+    log.warning(message)
+    requeue_if_slurm()
+    return Outcome("preempted", None, message, 0)
+
+
+def fit(config, extra_callbacks=(), signals: PreemptionSignals | None = None) -> Outcome:
+    """Load, train, save and report. signals: the preemption record finetune.py started on its first line."""
     from qlaunch.model.load import load_tokenizer
     from qlaunch.train.callbacks import NonFiniteLossGuard, PreemptionCallback
     from qlaunch.train.metrics import RunClock
@@ -249,10 +264,14 @@ def fit(config, extra_callbacks=()) -> Outcome:
         log.warning(warning)
 
     tokenizer = load_tokenizer(config.model.model_name_or_path, config.model.trust_remote_code)
+    signals = signals or PreemptionSignals.install()
     train_dataset, eval_dataset = load_datasets(config, tokenizer)
     if targs.dry_run:
         report_dry_run(config, train_dataset)
         return Outcome("dry_run")
+    early = preempted_before_training(signals, targs, "tokenizing")  # before a load that can take minutes
+    if early:
+        return early
 
     model, targets = load_model(config)
     rank0_weights = None
@@ -260,9 +279,12 @@ def fit(config, extra_callbacks=()) -> Outcome:
         from qlaunch.model.rank0_load import rank0_tensors
 
         rank0_weights = rank0_tensors(model)  # before fully_shard replaces them; scattered after it
-    preemption, guard, clock = PreemptionCallback(), NonFiniteLossGuard(), RunClock()
+    preemption, guard, clock = PreemptionCallback(signals), NonFiniteLossGuard(), RunClock()
     trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset,
                             [preemption, guard, clock, *extra_callbacks], rank0_weights=rank0_weights)
+    early = preempted_before_training(signals, targs, "loading the model")
+    if early:
+        return early
     info = describe_run(config, trainer, model, targets)
     resume = agreed_resume(resume_request(targs.resume_from_checkpoint, os.environ), targs.output_dir)
     result = train_or_finish(trainer, resume)
@@ -289,9 +311,9 @@ def fit(config, extra_callbacks=()) -> Outcome:
     return Outcome("done", trainer)
 
 
-def run(config, extra_callbacks=()) -> int:
+def run(config, extra_callbacks=(), signals: PreemptionSignals | None = None) -> int:
     """Exit code of a run: 0 done (or preempted and checkpointed), 1 non-finite loss or failed verification."""
-    return fit(config, extra_callbacks).exit_code
+    return fit(config, extra_callbacks, signals).exit_code
 
 
 def rank_prog(env=os.environ) -> str:
@@ -307,6 +329,7 @@ def main(argv=None, extra_callbacks=()) -> None:
     Problems found while validating are the same on every rank: local rank 0 prints them. An error
     during the run can be one rank's own (its node's disk, its GPU's memory): every rank prints it,
     named by its rank — otherwise torchrun shows only an exit code for ranks other than 0."""
+    signals = PreemptionSignals.install()  # first: a SLURM warning during loading must not be lost
     import torch
 
     from qlaunch.memory import fit as memory_fit
@@ -316,7 +339,7 @@ def main(argv=None, extra_callbacks=()) -> None:
     local_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0
     try:
         config = prepare(argv, process_env=True)
-        code = run(config, extra_callbacks)
+        code = run(config, extra_callbacks, signals)
     except UsageError as e:
         if config is not None:
             print(e.render(rank_prog()), file=sys.stderr)

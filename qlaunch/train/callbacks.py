@@ -7,6 +7,8 @@ import signal
 
 from transformers import TrainerCallback
 
+from qlaunch.cluster.preemption import PreemptionSignals
+
 log = logging.getLogger("qlaunch")
 
 
@@ -32,15 +34,15 @@ class PreemptionCallback(TrainerCallback):
     first step end where any rank has been signalled.
     """
 
-    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
-        self.received: str | None = None  # the signal this rank received
+    def __init__(self, signals: PreemptionSignals | None = None):
+        # the record started by finetune.py (SIGUSR1 from its first line); SIGTERM joins it from here on
+        self.signals = (signals or PreemptionSignals()).listen((signal.SIGUSR1, signal.SIGTERM))
         self.stopped_at_step: int | None = None
-        for sig in signals:
-            signal.signal(sig, self._handle)
 
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        log.warning("%s received: will checkpoint and stop after this step.", self.received)
+    @property
+    def received(self) -> str | None:
+        """The signal this rank received."""
+        return self.signals.received
 
     @property
     def stopped(self) -> bool:

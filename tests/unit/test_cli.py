@@ -106,3 +106,49 @@ def test_out_of_memory_is_one_message_with_the_plan_and_options(demo, tmp_path, 
     assert "Memory plan:" in err and "Options, re-planned" in err and "Traceback" not in err
     assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 2 (same global batch)" in err or \
         "--gradient_checkpointing" in err
+
+
+def test_usr1_while_tokenizing_stops_before_the_model_loads_and_requeues(demo, tmp_path, monkeypatch):
+    """SLURM's warning (SIGUSR1) that arrives before training — here right as tokenizing ends — is
+    recorded by the handler finetune.py installs first, and the run stops before loading the model:
+    exit 0, the job requeued, nothing written (issue 24 item 3)."""
+    import signal
+
+    from qlaunch import cli
+    from qlaunch.cluster.preemption import PreemptionSignals
+
+    requeued, loaded = [], []
+    monkeypatch.setattr("qlaunch.train.trainer.requeue_if_slurm", lambda: requeued.append(True) or True)
+    monkeypatch.setattr("qlaunch.model.load.load_base_model", lambda *a, **k: loaded.append(True))
+    tokenize = cli.load_datasets
+
+    def tokenize_then_signal(config, tokenizer):
+        datasets = tokenize(config, tokenizer)
+        os.kill(os.getpid(), signal.SIGUSR1)  # what srun forwards to the job step
+        return datasets
+
+    monkeypatch.setattr(cli, "load_datasets", tokenize_then_signal)
+    out = tmp_path / "out"
+    signals = PreemptionSignals.install()
+    try:
+        outcome = cli.fit(cli.prepare(["--model_name_or_path", demo["model"], "--data_path", demo["train"],
+                                       "--output_dir", str(out), "--q_lora", "--max_steps", "2"]), signals=signals)
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    assert signals.received == "SIGUSR1"
+    assert outcome.status == "preempted" and outcome.exit_code == 0 and outcome.step == 0
+    assert "SIGUSR1 while tokenizing, before training" in outcome.message
+    assert requeued == [True] and loaded == []
+    assert not (out / "adapter_model.safetensors").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_the_preemption_record_is_the_first_thing_finetune_installs():
+    """Before torch is imported: everything after can take minutes on a large model."""
+    import ast
+    import inspect
+
+    from qlaunch import cli
+
+    body = ast.parse(inspect.getsource(cli.main)).body[0].body
+    first = next(node for node in body if not isinstance(node, ast.Expr))  # after the docstring
+    assert "PreemptionSignals.install()" in ast.unparse(first)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from qlaunch.config.domains import FINETUNE
 from qlaunch.config.engine import (
     GPTQ_FSDP,
     GPTQ_ZERO3,
@@ -262,7 +263,7 @@ def resolve(ns: argparse.Namespace, machine: Machine, env=os.environ) -> Setting
     resolve_fsdp(ns, settings, env)
     resolve_distributed(ns, settings, machine, env)
     resolve_fp32_trainables(ns, settings)
-    if ns.warmup_ratio is not None and 0 <= ns.warmup_ratio < 1:
+    if ns.warmup_ratio is not None and FINETUNE["warmup_ratio"].contains(ns.warmup_ratio):
         settings.training["warmup_steps"] = ns.warmup_ratio  # transformers 5: warmup_steps < 1 is a ratio
     if ns.include_num_input_tokens_seen in ("no", False, None):
         # Real-token throughput in metrics.json: the Trainer counts non-padding tokens over all ranks.

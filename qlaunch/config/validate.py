@@ -10,6 +10,7 @@ import argparse
 import os
 
 from qlaunch.config.choices import CHOICES
+from qlaunch.config.domains import FINETUNE, domain_problems
 from qlaunch.config.files import config_file_problems, file_problem, overlap_problems
 from qlaunch.config.machine import Machine
 
@@ -44,17 +45,7 @@ def _check_values(ns: argparse.Namespace, problems: list[str]) -> None:
     for name, allowed in CHOICES.items():
         if getattr(ns, name) not in allowed:
             problems.append(f"--{name} {getattr(ns, name)!r}: choose one of {', '.join(allowed)}.")
-    if ns.lora_r < 1:
-        problems.append(f"--lora_r {ns.lora_r}: the LoRA rank must be at least 1.")
-    if ns.lora_alpha <= 0:
-        problems.append(f"--lora_alpha {ns.lora_alpha}: must be positive.")
-    if not 0 <= ns.lora_dropout < 1:
-        problems.append(f"--lora_dropout {ns.lora_dropout}: must be in [0, 1).")
-    if ns.model_max_length < 8:
-        problems.append(f"--model_max_length {ns.model_max_length}: must be at least 8 tokens.")
-    if ns.warmup_ratio is not None:
-        if not 0 <= ns.warmup_ratio < 1:
-            problems.append(f"--warmup_ratio {ns.warmup_ratio}: must be in [0, 1); use --warmup_steps N for steps.")
+    problems.extend(domain_problems(ns, FINETUNE))  # every numeric flag: type, finite, range
     if ns.packing and ns.lazy_preprocess:
         problems.append("--packing needs every sample's length up front: remove --lazy_preprocess.")
     if ns.packing and _value(getattr(ns, "train_sampling_strategy", None)) == "group_by_length":
@@ -89,38 +80,14 @@ def _check_training(ns: argparse.Namespace, problems: list[str]) -> None:
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
     from transformers.training_args import OptimizerNames
 
-    def at_least(flag, low, fix=""):
-        value = getattr(ns, flag)
-        if value is not None and value < low:
-            problems.append(f"--{flag} {value}: must be at least {low}{fix}.")
-
-    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        at_least(flag, 1)
-    if ns.learning_rate < 0:
-        problems.append(f"--learning_rate {ns.learning_rate}: must not be negative (e.g. 2e-4 for LoRA).")
-    for flag in ("warmup_steps", "max_grad_norm", "weight_decay", "dataloader_num_workers"):
-        at_least(flag, 0)
-    for flag in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(ns, flag) < 1:
-            problems.append(f"--{flag} {getattr(ns, flag)}: must be in [0, 1) (e.g. 0.9, 0.95, 0.999).")
-    if ns.adam_epsilon <= 0:
-        problems.append(f"--adam_epsilon {ns.adam_epsilon}: must be positive (e.g. 1e-8).")
-    if ns.max_steps == 0 or ns.max_steps < -1:
+    # The ranges of the numbers are declared in qlaunch.config.domains; here what relates two of them.
+    if ns.max_steps == 0:
         problems.append(f"--max_steps {ns.max_steps}: pass a positive number of steps, or -1 to train "
                         "--num_train_epochs epochs.")
-    if ns.max_steps <= 0 and ns.num_train_epochs <= 0:
+    epochs_ok = FINETUNE["num_train_epochs"].contains(ns.num_train_epochs)
+    if FINETUNE["max_steps"].contains(ns.max_steps) and ns.max_steps <= 0 and epochs_ok and ns.num_train_epochs <= 0:
         problems.append(f"--num_train_epochs {ns.num_train_epochs}: nothing to train; pass a positive number "
                         "(or --max_steps N).")
-    for flag in ("logging_steps", "save_steps", "eval_steps"):
-        value = getattr(ns, flag)
-        if value is not None and value <= 0:
-            problems.append(f"--{flag} {value}: must be positive (a step count, or a fraction of the run below 1).")
-    for flag in ("seed", "data_seed"):
-        value = getattr(ns, flag)
-        if value is not None and not 0 <= value < 2**32:
-            problems.append(f"--{flag} {value}: must be in [0, 2**32) (numpy's seed range).")
-    if ns.save_total_limit is not None and ns.save_total_limit < 1:
-        problems.append(f"--save_total_limit {ns.save_total_limit}: keep at least 1 checkpoint (or leave it unset).")
     choices = {
         "optim": [o.value for o in OptimizerNames],
         "lr_scheduler_type": [t.value for t in SchedulerType],

@@ -11,12 +11,13 @@ import argparse
 import contextlib
 import sys
 
+from qlaunch.config.domains import CHAT, CommandParser
 from qlaunch.config.errors import UsageError
 from qlaunch.model.inference import reply
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qlaunch.chat", description=__doc__.split("\n\n")[0])
+    parser = CommandParser("qlaunch.chat", CHAT, description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", help="adapter directory (a LoRA / Q-LoRA run's output_dir)")
     parser.add_argument("--base", help="base model (default: the one recorded in the adapter)")
     parser.add_argument("--quantization", default="auto", choices=["auto", "none", "nf4", "fp4", "gptq"],

@@ -7,13 +7,13 @@ reply to each sample's last user turn equals its reference assistant reply.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 
 import torch
 
+from qlaunch.config.domains import EVALUATE, CommandParser
 from qlaunch.config.errors import UsageError
 from qlaunch.data.formats import load_samples
 from qlaunch.data.labels import IGNORE_INDEX
@@ -76,7 +76,7 @@ def compare(before_path: str, after_path: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qlaunch.evaluate", description=__doc__.split("\n\n")[0])
+    parser = CommandParser("qlaunch.evaluate", EVALUATE, description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", help="base model (default: the adapter's base)")
     parser.add_argument("--adapter", help="adapter directory (a LoRA run's output_dir)")
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE.json", "AFTER.json"),

@@ -13,13 +13,13 @@ refuses. The merged model loads with plain `AutoModelForCausalLM.from_pretrained
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import torch
 
+from qlaunch.config.domains import MERGE, CommandParser
 from qlaunch.config.errors import UsageError
 
 
@@ -133,11 +133,15 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlaunch.model.inference import adapter_base, load_for_inference, read_run_info, remote_code_problem
+    from qlaunch.config.files import overlap_problems
+    from qlaunch.model.inference import (
+        adapter_base,
+        load_for_inference,
+        read_run_info,
+        remote_code_problem,
+    )
     from qlaunch.model.load import load_tokenizer
     from qlaunch.train.checkpoints import staged_output
-
-    from qlaunch.config.files import overlap_problems
 
     given_base = base
     base = base or adapter_base(adapter)
@@ -179,7 +183,7 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qlaunch.merge", description=__doc__.split("\n\n")[0])
+    parser = CommandParser("qlaunch.merge", MERGE, description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True, help="adapter directory (a LoRA / Q-LoRA run's output_dir)")
     parser.add_argument("--out", required=True, help="directory for the merged model")
     parser.add_argument("--base", help="base model (default: the one recorded in the adapter)")

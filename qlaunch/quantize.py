@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+from qlaunch.config.domains import QUANTIZE, CommandParser, domain_problems
 from qlaunch.config.errors import UsageError
 
 PROG = "qlaunch.quantize"
@@ -32,7 +33,7 @@ WEIGHT_FILES = (".safetensors", ".bin")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
+    parser = CommandParser("qlaunch.quantize", {}, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="full-precision model directory (e.g. qlaunch.merge's --out)")
     parser.add_argument("--data", required=True, help="calibration data: .json / .jsonl in any finetune.py format")
     parser.add_argument("--out", required=True, help="directory for the GPTQ model (and the report)")
@@ -113,10 +114,7 @@ def check_args(args) -> list[str]:
         if bad:
             problems.append(f"--group_size {args.group_size} does not divide the projections' input width "
                             f"{', '.join(map(str, bad))}; pick a divisor (e.g. 32) or -1.")
-    if args.num_samples < 1:
-        problems.append(f"--num_samples {args.num_samples}: at least 1 calibration sample is needed.")
-    if args.model_max_length < 2:
-        problems.append(f"--model_max_length {args.model_max_length}: must be at least 2 tokens.")
+    problems += domain_problems(args, QUANTIZE)  # with every other problem (the parser's own check is off)
     if args.report and args.report_only:
         problems.append("--report and --report_only: choose one (--report_only writes the report without a model).")
     return problems

@@ -8,8 +8,12 @@ with the model stay in validate.py / resolve.py.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 from dataclasses import dataclass
+
+from qlaunch.config.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,39 @@ FINETUNE = {
     "data_seed": SEED,
     "save_total_limit": Domain(int, 1, optional=True, says="keep at least 1 checkpoint (or leave it unset)"),
 }
+
+
+# the other commands' numeric flags
+MERGE = {"probe_samples": Domain(int, 1, 100_000)}
+QUANTIZE = {
+    "num_samples": Domain(int, 1, says="at least 1 calibration sample is needed"),
+    "model_max_length": Domain(int, 2, says="must be at least 2 tokens"),
+    "seed": Domain(int, 0, 2**32, high_open=True, hint="numpy's seed range"),
+}
+CHAT = {"max_new_tokens": Domain(int, 1, 1_000_000), "temperature": Domain(float, 0, 100, hint="0 = greedy")}
+EVALUATE = {"limit": Domain(int, 1, optional=True, hint="leave it unset for every sample"), "show": Domain(int, 0)}
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse for qlaunch's commands: an error is one line and exit 2 (argparse would print the usage
+    first), and the command's declared numeric domains are checked as soon as the flags are parsed,
+    before anything loads (pass {} where the command reports them with its other problems: quantize)."""
+
+    def __init__(self, name: str, domains: dict[str, Domain], **kwargs):
+        super().__init__(prog=f"python -m {name}", **kwargs)
+        self.name, self.domains = name, domains
+
+    def error(self, message):
+        print(f"{self.name}: error: {message}. See `{self.prog} --help`.", file=sys.stderr)
+        sys.exit(2)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        problems = domain_problems(parsed, self.domains)
+        if problems:
+            print(UsageError(problems).render(self.name), file=sys.stderr)
+            sys.exit(2)
+        return parsed
 
 
 def domain_problems(values, domains: dict[str, Domain]) -> list[str]:

@@ -92,3 +92,43 @@ def test_a_value_outside_the_declared_domain_is_refused_before_loading(flag, whe
     assert f"--{flag}" in err or f"--{flag.replace('_', '-')}" in err, err[-2000:]
     assert not out.exists() and not loads
     assert digest(demo["model"], demo["train"]) == before
+
+
+def command_cases():
+    from qlaunch.config.domains import CHAT, EVALUATE, MERGE, QUANTIZE
+
+    for command, domains in (("merge", MERGE), ("quantize", QUANTIZE), ("chat", CHAT), ("evaluate", EVALUATE)):
+        for flag, domain in domains.items():
+            for text in CLI_VALUES:
+                value = _parsed(domain.kind, text)
+                if value is ValueError or not domain.contains(value):
+                    yield pytest.param(command, flag, text, id=f"{command}-{flag}-{text}")
+
+
+COMMAND_CASES = list(command_cases())
+
+
+@pytest.mark.parametrize("command, flag, text", COMMAND_CASES)
+def test_every_command_refuses_numbers_outside_their_domain_in_one_line(command, flag, text, demo, tmp_path, capsys,
+                                                                        monkeypatch):
+    """merge, quantize, chat and evaluate declare their numeric flags too. merge, chat and evaluate check
+    them as the flags are parsed, before any file is read (their paths here do not even exist); quantize
+    with its other checks, so that every problem is reported at once (its inputs here are valid)."""
+    import importlib
+
+    from transformers.modeling_utils import PreTrainedModel
+
+    loads = []
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
+    out = tmp_path / "out"
+    rest = {"merge": ["--adapter", str(tmp_path / "a"), "--out", str(out)],
+            "quantize": ["--model", demo["model"], "--data", demo["train"], "--out", str(out)],
+            "chat": ["--adapter", str(tmp_path / "a"), "--prompt", "hi"],
+            "evaluate": ["--adapter", str(tmp_path / "a"), "--data", str(tmp_path / "d.json")]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"qlaunch.{command}").main([*rest, f"--{flag}", text])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"qlaunch.{command}: error: ") and f"--{flag}" in lines[0], err
+    assert not out.exists() and not loads

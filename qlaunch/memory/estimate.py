@@ -54,6 +54,7 @@ class Job:
     logits_fraction: float = 1.0  # share of positions whose logits are computed
     checkpointing: bool = True
     attention: str = "sdpa"  # sdpa | flash_attention_2 | eager
+    packing: bool = False  # packed rows (samples isolated by position ids)
     engine: str = "ddp"  # ddp | deepspeed | fsdp2 (qlaunch.config.engine)
     zero_stage: int = 0
     offload_optimizer: bool = False
@@ -163,6 +164,20 @@ def block_activation_bytes(shape: Shape, job: Job, adapted, tokens: int, rows: i
     if job.quant == "gptq":  # torch kernel: matmul(x, dequantized W) keeps W for the input gradient
         out["dequantized GPTQ weights"] = 2 * shape.block_weights
     return out
+
+
+def attention_mask_bytes(job: Job) -> int:
+    """The (rows, 1, L, L) mask transformers materialises once per forward and hands to every layer
+    (transformers/masking_utils.py), kept until the backward ends. sdpa builds a boolean one only when it
+    cannot use is_causal — padding (several rows of different lengths) or packed samples; eager always
+    builds an additive one in the compute dtype; flash attention builds none (sample boundaries go in as
+    sequence lengths). 1 GiB at 1 x 32k tokens with sdpa."""
+    cells = job.micro_batch * job.seq_len ** 2
+    if job.attention == "eager":
+        return cells * job.compute_bytes
+    if job.attention == "sdpa" and (job.packing or job.micro_batch > 1):
+        return cells
+    return 0
 
 
 def logits_bytes(shape: Shape, job: Job, positions: int) -> dict:
@@ -285,6 +300,9 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
     if zero3_gather:
         label = "FSDP2 gathered blocks" if fsdp else "ZeRO-3 gathered blocks"
         loss_phase[label] = block_phase[label] = zero3_gather
+    mask = attention_mask_bytes(job)
+    if mask:
+        loss_phase["attention mask (rows, 1, L, L)"] = block_phase["attention mask (rows, 1, L, L)"] = mask
     if fsdp and n > 1:  # the output unit (final norm + lm_head) stays gathered from the forward's end into backward
         loss_phase["FSDP2 gathered lm_head"] = shape.embedding_params * (4 if kbit else job.base_bytes) * (1 - 1 / n)
     step_phase = {"optimizer step temporaries": step_temp}

@@ -130,6 +130,7 @@ def build_job(args, settings, target: Target, seq_len: int, logits_share: float 
         logits_fraction=logits_share,
         checkpointing=bool(args.activation_checkpointing or getattr(args, "gradient_checkpointing", False)),
         attention=args.attn_implementation or "sdpa",
+        packing=bool(getattr(args, "packing", False)),
         engine=engine.name,
         zero_stage=engine.zero_stage,
         offload_optimizer=engine.offload_optimizer,

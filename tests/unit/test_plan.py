@@ -178,11 +178,37 @@ def test_longer_rows_eager_attention_and_no_checkpointing_cost_more(tmp_path):
     sdpa = plan_json(base + ["--model_max_length", "2048"])["memory_gb"]
     heads, s = DIMS["meta-llama/Meta-Llama-3-8B-Instruct"]["num_attention_heads"], 2048
     assert math.isclose((eager["phases"]["block backward"] - sdpa["phases"]["block backward"]) * GiB,
-                        (4 + 2) * heads * s * s, rel_tol=1e-9)  # fp32 softmax + its bf16 copy
+                        (4 + 2) * heads * s * s + 2 * s * s, rel_tol=1e-9)  # fp32 softmax + its bf16 copy,
+    # and eager's additive (1, 1, s, s) mask in bf16 (sdpa at batch 1 without packing uses is_causal)
     no_ckpt = ["--model_name_or_path", model, "--q_lora", "--gpu", "H100-80GB", "--model_max_length", "2048"]
     assert plan_json(no_ckpt)["memory_gb"]["per_device_peak"] > sdpa["per_device_peak"]
     assert (plan_json(no_ckpt + ["--attn_implementation", "eager"])["memory_gb"]["per_device_peak"]
             > plan_json(no_ckpt)["memory_gb"]["per_device_peak"])
+
+
+def test_the_materialised_attention_mask_is_planned_where_transformers_builds_it(tmp_path):
+    """sdpa builds a boolean (rows, 1, L, L) mask for packed rows or padded batches (1 GiB at 1 x 32k),
+    none for one unpadded row; flash attention never builds one (issue 24 item 8)."""
+    model = config_dir("meta-llama/Meta-Llama-3-8B-Instruct", str(tmp_path))
+    base = ["--model_name_or_path", model, "--q_lora", "--gpu", "H100-80GB", "--model_max_length", "32768",
+            "--per_device_train_batch_size", "1", "--activation_checkpointing", "True"]
+
+    def phase(*extra):
+        return plan_json(base + list(extra))["memory_gb"]["phases"]
+
+    def mask_gib(*extra):
+        from qlaunch.memory.estimate import Job, attention_mask_bytes
+        return attention_mask_bytes(Job(**dict(extra))) / GiB
+
+    assert mask_gib(("seq_len", 32768), ("packing", True)) == 1.0
+    assert mask_gib(("seq_len", 32768), ("micro_batch", 2)) == 2.0  # padding: two rows
+    assert mask_gib(("seq_len", 32768)) == 0.0  # one unpadded row: is_causal, no mask
+    assert mask_gib(("seq_len", 32768), ("packing", True), ("attention", "flash_attention_2")) == 0.0
+    packed, plain = phase("--packing", "True"), phase()
+    assert math.isclose(packed["loss"] - plain["loss"], 1.0, rel_tol=1e-9)  # GiB
+    assert math.isclose(packed["block backward"] - plain["block backward"], 1.0, rel_tol=1e-9)
+    flash = phase("--packing", "True", "--attn_implementation", "flash_attention_2")
+    assert flash["loss"] < packed["loss"]
 
 
 def test_fit_verdict_options_are_replanned(tmp_path):

@@ -44,3 +44,13 @@ def pin_training_kernels(model) -> int:
         module.linear_mode = "train"
         pinned += 1
     return pinned
+
+
+def kernel_summary(model) -> str:
+    """Which gptqmodel kernel each quantized layer runs, by class ("28 TorchFusedLinear"; on CUDA e.g.
+    "28 TritonV2Linear"): the kernel depends on the device and on what gptqmodel finds installed, and
+    only the CPU Torch kernels have a mode to pin (pin_training_kernels returns 0 elsewhere)."""
+    from collections import Counter
+
+    kernels = Counter(type(m).__name__ for m in model.modules() if hasattr(m, "qweight"))
+    return ", ".join(f"{count} {name}" for name, count in sorted(kernels.items())) or "no quantized layers"

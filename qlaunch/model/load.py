@@ -90,9 +90,11 @@ def load_base_model(
     )
     model.config.use_cache = False  # the KV cache is useless in training and breaks checkpointing
     if quant_method == "gptq":
-        from qlaunch.model.gptq import pin_training_kernels
+        from qlaunch.model.gptq import kernel_summary, pin_training_kernels
 
-        log.info("GPTQ base: %d quantized layers pinned to the trainable kernel path.", pin_training_kernels(model))
+        pinned = pin_training_kernels(model)
+        log.info("GPTQ base: kernels %s%s.", kernel_summary(model),
+                 f" ({pinned} pinned to their differentiable train mode)" if pinned else "")
     return model
 
 

@@ -156,3 +156,28 @@ def test_relative_model_path_is_recorded_absolute(demo, tmp_path, monkeypatch):
     monkeypatch.chdir(os.path.dirname(demo["model"]))
     config = prepare(["--model_name_or_path", "model", "--data_path", demo["train"], "--use_lora"])
     assert config.model.model_name_or_path == demo["model"]
+
+
+def test_the_log_names_each_layer_s_kernel_where_nothing_is_pinned(gptq_model):
+    """On CUDA gptqmodel picks Triton/Torch kernels with no mode to pin: the log said "0 quantized layers
+    pinned". It names the kernels instead (issue 24 item 5). GPU facts: a layer class without linear_mode."""
+    from transformers import AutoModelForCausalLM
+
+    from qlaunch.model.gptq import gptq_training_config, kernel_summary, pin_training_kernels
+
+    model = AutoModelForCausalLM.from_pretrained(gptq_model, quantization_config=gptq_training_config(),
+                                                 device_map={"": "cpu"}, dtype=torch.float32)
+    layers = [m for m in model.modules() if hasattr(m, "qweight")]
+    cpu_kernel = type(layers[0]).__name__
+    assert kernel_summary(model) == f"{len(layers)} {cpu_kernel}" and pin_training_kernels(model) == len(layers)
+
+    class TritonV2Linear(torch.nn.Module):  # what a CUDA machine loads: qweight, no linear_mode
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("qweight", torch.zeros(1, dtype=torch.int32))
+
+    gpu_like = torch.nn.Sequential(TritonV2Linear(), TritonV2Linear(), layers[0])
+    assert pin_training_kernels(gpu_like) == 1
+    parts = sorted([(cpu_kernel, 1), ("TritonV2Linear", 2)])
+    assert kernel_summary(gpu_like) == ", ".join(f"{count} {name}" for name, count in parts)
+    assert kernel_summary(torch.nn.Linear(2, 2)) == "no quantized layers"

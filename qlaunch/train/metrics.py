@@ -20,13 +20,37 @@ from qlaunch.data.labels import IGNORE_INDEX
 GiB = 1024**3
 
 
+def packed_real_tokens(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
+                       pad_token_id: int) -> torch.Tensor:
+    """Real tokens of packed rows, which carry no attention mask (qlaunch.data.collate): each row is its
+    samples, then padding as one more run of restarting positions — pad ids with label -100 from the last
+    position 0 to the end. Counting `input_ids != pad` (the Trainer's fallback) also drops every real EOS
+    when pad == eos (Llama-3, Mistral); a real last sample never starts with a pad token, so it is kept."""
+    length = input_ids.shape[-1]
+    index = torch.arange(length, device=input_ids.device)
+    last_start = torch.where(position_ids == 0, index, torch.zeros_like(index)).max(dim=-1).values
+    in_tail = index >= last_start.unsqueeze(-1)
+    padding = (input_ids == pad_token_id) & (labels == IGNORE_INDEX)
+    tail_is_padding = (padding | ~in_tail).all(dim=-1) & (last_start > 0)
+    return torch.where(tail_is_padding, last_start, torch.full_like(last_start, length)).sum()
+
+
 class TrainedTokenCountMixin:
-    """Trainer mixin: count the trained (labelled) target tokens of every micro-batch, all ranks."""
+    """Trainer mixin: count the trained (labelled) target tokens of every micro-batch, all ranks; and the
+    real tokens of packed rows from their layout (packed_real_tokens), where the Trainer would count
+    `input_ids != pad`."""
 
     trained_tokens_seen = 0
 
     def _track_num_input_tokens(self, inputs):
-        super()._track_num_input_tokens(inputs)
+        packed = hasattr(inputs, "get") and "position_ids" in inputs and "attention_mask" not in inputs
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        if packed and pad is not None and self.args.include_num_input_tokens_seen == "non_padding":
+            real = packed_real_tokens(inputs["input_ids"], inputs["labels"], inputs["position_ids"], pad)
+            real = torch.as_tensor(real, device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(real).sum().item())
+        else:
+            super()._track_num_input_tokens(inputs)
         labels = inputs.get("labels") if hasattr(inputs, "get") else None
         if labels is not None:
             count = torch.as_tensor((labels[..., 1:] != IGNORE_INDEX).sum(), device=self.args.device,

@@ -34,13 +34,21 @@ def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return mask, shifted[mask]
 
 
-def labelled_logits_unsupported(model) -> str | None:
-    """Why `model` cannot take a boolean logits_to_keep mask (None when it can).
+# Model types whose classes tests/unit/train/test_loss.py proves equal to the full-logits path (loss and
+# every LoRA gradient, padded and packed). A class can pass the structural checks below and still
+# post-process 3-D logits (soft-capping, scaling) or compute a loss of its own: only listed types run it.
+LABELLED_LOGITS_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def labelled_logits_unsupported(model, args=None) -> str | None:
+    """Why `model` (trained with `args`) cannot take a boolean logits_to_keep mask (None when it can).
 
     Decided from the model class itself: its forward takes `logits_to_keep`, its module slices
-    with transformers' `slice_logits_to_keep` (which understands masks) and its loss is
-    transformers' ForCausalLMLoss (which takes `shift_labels`). Remote-code models such as
-    Qwen(1) have none of these and keep the ordinary path."""
+    with transformers' `slice_logits_to_keep` (which understands masks), its loss is transformers'
+    ForCausalLMLoss (which takes `shift_labels`) and its model type is one the tests check. Remote-code
+    models such as Qwen(1) have none of these and keep the ordinary path; so do runs whose loss or graph
+    another tool owns (--use_liger_kernel replaces the loss, --torch_compile would recompile for every
+    new count of labelled positions)."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -51,6 +59,14 @@ def labelled_logits_unsupported(model) -> str | None:
         return f"{cls.__name__} does not slice with transformers' slice_logits_to_keep"
     if getattr(base, "loss_function", None) is not ForCausalLMLoss:
         return f"{cls.__name__}'s loss is not transformers' ForCausalLMLoss"
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if model_type not in LABELLED_LOGITS_MODEL_TYPES:
+        checked = ", ".join(sorted(LABELLED_LOGITS_MODEL_TYPES))
+        return f"model type {model_type!r} is not one qlaunch's tests check ({checked})"
+    if getattr(args, "use_liger_kernel", False):
+        return "--use_liger_kernel replaces the loss"
+    if getattr(args, "torch_compile", False):
+        return "--torch_compile would recompile for every new count of labelled positions"
     return None
 
 

@@ -49,9 +49,9 @@ def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, ca
     )
     trainer.rank0_weights = rank0_weights
     if args.labelled_logits_only:
-        reason = labelled_logits_unsupported(model)
+        reason = labelled_logits_unsupported(model, args)
         if reason:
-            log.info("Logits at every position (%s); --labelled_logits_only needs a transformers CausalLM.", reason)
+            log.info("Logits at every position (%s): --labelled_logits_only is off for this run.", reason)
         trainer.labelled_logits_only = reason is None
     return trainer
 

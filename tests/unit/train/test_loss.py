@@ -4,7 +4,7 @@ import torch
 
 from qlaunch.cli import fit, prepare
 from qlaunch.data.labels import IGNORE_INDEX
-from qlaunch.train.loss import labelled_logits_unsupported, labelled_positions
+from qlaunch.train.loss import LABELLED_LOGITS_MODEL_TYPES, labelled_logits_unsupported, labelled_positions
 
 I = IGNORE_INDEX
 
@@ -21,12 +21,12 @@ def test_labelled_positions_are_the_shifted_labels():
 
 def tiny_lora_model(arch: str, seed: int = 0):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa")
-    model = Qwen2ForCausalLM(Qwen2Config(**common)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**common))
+                  num_key_value_heads=2, max_position_embeddings=128, head_dim=8)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **common), attn_implementation="sdpa")
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
                       init_lora_weights=False)  # non-zero B, so every LoRA weight gets a gradient
     return get_peft_model(model, lora)
@@ -61,9 +61,10 @@ def loss_and_grads(model, batch, labelled_only: bool):
     return out, grads
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", sorted(LABELLED_LOGITS_MODEL_TYPES))
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_loss_and_lora_gradients_equal_the_full_logits_path(arch, packed):
+    """Every model type on the allow-list, padded and packed (issue 24 item 6)."""
     model = tiny_lora_model(arch)
     assert labelled_logits_unsupported(model) is None
     batch = batches(packed)
@@ -88,6 +89,23 @@ def test_a_model_without_logits_to_keep_keeps_the_ordinary_path():
             return None
 
     assert "logits_to_keep" in labelled_logits_unsupported(RemoteCodeLM())
+
+
+def test_classes_off_the_list_and_tools_that_own_the_loss_keep_the_ordinary_path():
+    """A class that passes the structural checks but is not on the tested list (gemma2 soft-caps its
+    3-D logits after lm_head), and runs with Liger's fused loss or torch.compile, get every position."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gemma2 = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gemma2", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8))
+    assert "model type 'gemma2' is not one qlaunch's tests check" in labelled_logits_unsupported(gemma2)
+    llama = tiny_lora_model("llama")
+    assert labelled_logits_unsupported(llama, SimpleNamespace(use_liger_kernel=False, torch_compile=False)) is None
+    assert "--use_liger_kernel" in labelled_logits_unsupported(llama, SimpleNamespace(use_liger_kernel=True))
+    assert "--torch_compile" in labelled_logits_unsupported(llama, SimpleNamespace(torch_compile=True))
 
 
 FAST = ["--max_steps", "3", "--learning_rate", "1e-2", "--per_device_train_batch_size", "4",

@@ -168,8 +168,8 @@ def describe_run(config, trainer, model, targets) -> dict:
     return info
 
 
-def verify_final_save(config, trainer) -> str | None:
-    """Read the saved adapter back (main process); every rank learns the verdict. None if fine.
+def verify_final_save(config, trainer, directory: str) -> str | None:
+    """Read the saved adapter back from `directory` (main process); every rank learns the verdict. None if fine.
     Under ZeRO-3 and FSDP2 the adapter is gathered first (collective) and no probe forward is run
     (a forward is collective there, and the frozen base is sharded too)."""
     from qlaunch.train.callbacks import any_rank
@@ -183,7 +183,7 @@ def verify_final_save(config, trainer) -> str | None:
         expected = full_adapter_state(trainer.model) if trainer.is_fsdp_enabled else None
         with full_trainable_parameters(trainer.model, zero3):
             if trainer.is_world_process_zero():
-                problems = verify_saved_adapter(trainer.model, config.training.output_dir,
+                problems = verify_saved_adapter(trainer.model, directory,
                                                 compare_logits=not (zero3 or trainer.is_fsdp_enabled),
                                                 expected=expected, compute_dtype=config.compute_dtype)
     if any_rank(bool(problems), trainer.args.device):
@@ -198,16 +198,19 @@ def report_name(config) -> str:
 
 def save_results(config, trainer, result, info, train_dataset, eval_dataset, clock) -> str | None:
     """Save, verify and report; returns the verification failure, if any."""
-    from qlaunch.train.checkpoints import save_final
+    from qlaunch.train.checkpoints import publish_final, stage_final
     from qlaunch.train.metrics import run_metrics
     from qlaunch.train.report import write_report
     from qlaunch.train.trainer import save_json
 
     targs = config.training
-    save_final(trainer, targs.output_dir)  # adapter only for LoRA (gathered under ZeRO-3), + tokenizer
-    failure = verify_final_save(config, trainer)
+    staged = stage_final(trainer, targs.output_dir)  # adapter only for LoRA (gathered under ZeRO-3), + tokenizer
+    failure = verify_final_save(config, trainer, staged)
     if failure:
+        if trainer.is_world_process_zero():
+            log.error("The unverified result stays in %s for inspection; nothing loadable was published.", staged)
         return failure
+    publish_final(trainer, staged, targs.output_dir)  # loadable only now: adapter_config.json lands last
     metrics = dict(result.metrics)
     run = run_metrics(config, trainer, clock)
     if eval_dataset is not None:

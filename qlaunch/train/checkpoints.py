@@ -113,17 +113,29 @@ def before_commit(trainer) -> None:
     """Called with the staged checkpoint complete, just before the rename (a seam for crash tests)."""
 
 
-def save_final(trainer, output_dir: str) -> None:
-    """The final model/adapter + tokenizer, staged and then moved into output_dir file by file;
-    adapter_config.json last, so a directory that has it has a complete adapter."""
+def stage_final(trainer, output_dir: str) -> str:
+    """Write the final model/adapter + tokenizer into a staging directory inside output_dir and sync it
+    (collective: under ZeRO-3 / FSDP2 the adapter is gathered). Nothing in output_dir itself changes: the
+    result is read back from here, and only a verified one is published (publish_final)."""
     staged = os.path.join(output_dir, FINAL_STAGING)
     if trainer.is_world_process_zero():
         shutil.rmtree(staged, ignore_errors=True)
     barrier(trainer.args)
-    trainer.save_model(staged)  # collective under ZeRO-3 (the adapter is gathered)
+    trainer.save_model(staged)
     barrier(trainer.args)
     if trainer.is_world_process_zero():
-        move_into(staged, output_dir, last="adapter_config.json")
+        fsync_tree(staged)
+    barrier(trainer.args)
+    return staged
+
+
+def publish_final(trainer, staged: str, output_dir: str) -> None:
+    """Move the verified staged result into output_dir, the file that makes it loadable last
+    (adapter_config.json, or config.json for a full model): a directory that has it has a complete,
+    verified result, whenever the process is killed."""
+    if trainer.is_world_process_zero():
+        last = "adapter_config.json" if os.path.exists(os.path.join(staged, "adapter_config.json")) else "config.json"
+        move_into(staged, output_dir, last=last)
     barrier(trainer.args)
 
 

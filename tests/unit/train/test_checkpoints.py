@@ -95,6 +95,10 @@ def test_a_corrupted_final_save_fails_the_run_with_exit_1(demo, tmp_path, monkey
     assert outcome.status == "verify_failed" and outcome.exit_code == 1
     assert "does not match the trained model" in outcome.message
     assert not (tmp_path / "o" / "metrics.json").exists()  # no report for an adapter that is not what trained
+    # nothing loadable was published: the read-back happens before adapter_config.json lands
+    assert not (tmp_path / "o" / "adapter_config.json").exists()
+    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "o" / checkpoints.FINAL_STAGING / "adapter_model.safetensors").exists()  # kept to inspect
 
 
 def test_resume_skips_incomplete_checkpoints_and_staging_leftovers(tmp_path, caplog):

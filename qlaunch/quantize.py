@@ -164,6 +164,9 @@ def gptq_quantize(args, save_dir: str, calibration, tokenizer) -> list[dict]:
     """Run GPTQ with gptqmodel and save the v1 checkpoint to save_dir; return gptqmodel's per-module log."""
     import torch
 
+    from qlaunch.model.gptq import prepare_gptqmodel
+
+    prepare_gptqmodel()  # on fewer than 4 cores gptqmodel would refuse to start
     with contextlib.redirect_stdout(sys.stderr):  # its import prints a banner
         from gptqmodel import GPTQModel, QuantizeConfig
         from gptqmodel.looper import loop_processor

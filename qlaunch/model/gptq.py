@@ -12,6 +12,24 @@ from __future__ import annotations
 TRAINABLE_BACKEND = "auto_trainable"
 
 
+def gptqmodel_pool_env(env, cpu_count: int) -> dict[str, str]:
+    """The environment gptqmodel needs to start on this machine (a pure decision on the machine facts).
+
+    gptqmodel sizes its CPU worker pool to half the cores, and always asks that pool for 2 model-loader
+    workers: below 4 cores it refuses to start ("Virtual pool 'model_loader:cpu' requests 2 workers but
+    parent 'cpu' only has 1"). Give it 2 workers there, unless the user set GPTQMODEL_CPU_WORKERS."""
+    if "GPTQMODEL_CPU_WORKERS" in env or (cpu_count + 1) // 2 >= 2:
+        return {}
+    return {"GPTQMODEL_CPU_WORKERS": "2"}
+
+
+def prepare_gptqmodel() -> None:
+    """Before gptqmodel builds its pool (first use): this machine's pool environment."""
+    import os
+
+    os.environ.update(gptqmodel_pool_env(os.environ, os.cpu_count() or 1))
+
+
 def gptq_training_config():
     """Loading attributes for a GPTQ checkpoint that LoRA will train on.
 
@@ -20,6 +38,7 @@ def gptq_training_config():
     """
     from transformers import GPTQConfig
 
+    prepare_gptqmodel()
     return GPTQConfig(bits=4, backend=TRAINABLE_BACKEND)
 
 

@@ -108,6 +108,10 @@ def load_for_inference(
     kwargs = {"dtype": dtype, "device_map": {"": 0 if cuda else "cpu"}, "trust_remote_code": trust_remote_code}
     # A GPTQ checkpoint's own quantization_config loads it with gptqmodel's fastest inference kernel.
     qc = None if quant == "gptq" else quantization_config(quant, dtype, lora_args)
+    if quant == "gptq":
+        from qlaunch.model.gptq import prepare_gptqmodel
+
+        prepare_gptqmodel()
     if qc is not None:
         kwargs["quantization_config"] = qc
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)

@@ -28,8 +28,10 @@ SAMPLES = 32
 
 
 def run_quantize(*args: str, cwd: str = REPO) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", GPTQMODEL_CPU_WORKERS="2", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="", PYTHONPATH=REPO)
+    # the command as the README shows it: no GPTQMODEL_CPU_WORKERS (qlaunch sets what gptqmodel needs)
+    env = {k: v for k, v in os.environ.items() if k != "GPTQMODEL_CPU_WORKERS"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=REPO)
     return subprocess.run([sys.executable, "-m", "qlaunch.quantize", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -321,3 +323,13 @@ def test_bits_group_size_and_act_order_reach_a_checkpoint_that_loads(variant, de
         assert torch.isfinite(model(**ids).logits).all()
     generated = model.generate(**ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert generated.shape[1] == ids["input_ids"].shape[1] + 4
+
+
+def test_gptqmodel_gets_the_workers_it_needs_on_small_machines():
+    """gptqmodel asks its CPU pool (half the cores) for 2 loader workers: below 4 cores it would refuse
+    to start. The decision, with the machine facts passed in; a user's own setting is kept."""
+    from qlaunch.model.gptq import gptqmodel_pool_env
+
+    assert gptqmodel_pool_env({}, 1) == gptqmodel_pool_env({}, 2) == {"GPTQMODEL_CPU_WORKERS": "2"}
+    assert gptqmodel_pool_env({}, 3) == gptqmodel_pool_env({}, 64) == {}
+    assert gptqmodel_pool_env({"GPTQMODEL_CPU_WORKERS": "1"}, 2) == {}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 gptqmodel = pytest.importorskip("gptqmodel", reason="GPTQ tests need gptqmodel: pip install 'qlaunch[gptq]'")
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+# no GPTQMODEL_CPU_WORKERS here: qlaunch.model.gptq.prepare_gptqmodel gives gptqmodel its pool on 2 cores
 
 from qlaunch.cli import fit, prepare  # noqa: E402
 from qlaunch.config.errors import UsageError

@@ -84,6 +84,20 @@ class LoraArguments:
         default=None, metadata={"help": "An existing adapter directory to continue training from."}
     )
     lora_bias: str = field(default="none", metadata={"help": "none | all | lora_only."})
+    use_dora: bool = field(
+        default=False, metadata={"help": "DoRA (peft): a trained magnitude per output beside the LoRA direction. "
+                                 "Not with GPTQ bases (peft has no DoRA for them)."}
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "rsLoRA (peft): scale by lora_alpha / sqrt(r) instead of lora_alpha / r."}
+    )
+    init_lora_weights: str = field(
+        default="true", metadata={"help": "true (B = 0, peft's default) | gaussian | false (random B: for tests)."}
+    )
+    loraplus_lr_ratio: float | None = field(
+        default=None, metadata={"help": "LoRA+: learning rate of the B matrices = this x --learning_rate (e.g. 16; "
+                                "peft's create_loraplus_optimizer). Unset: plain LoRA."}
+    )
     lora_modules_to_save: list[str] | None = field(
         default=None,
         metadata={
@@ -274,6 +288,8 @@ def parse_namespace(argv: list[str] | None = None) -> argparse.Namespace:
     if problems:
         raise UsageError(problems)
     _split_comma_lists(namespace)
+    if isinstance(namespace.init_lora_weights, bool):  # a YAML true / false
+        namespace.init_lora_weights = str(namespace.init_lora_weights).lower()
     if namespace.group_by_length:
         namespace.train_sampling_strategy = "group_by_length"
     return namespace

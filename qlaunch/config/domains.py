@@ -101,6 +101,7 @@ FINETUNE = {
     "seed": SEED,
     "data_seed": SEED,
     "save_total_limit": Domain(int, 1, optional=True, says="keep at least 1 checkpoint (or leave it unset)"),
+    "loraplus_lr_ratio": Domain(float, 1, 1000, optional=True, hint="the LoRA+ paper uses 16; B learns faster than A"),
 }
 
 

@@ -90,6 +90,9 @@ def resolve_quantization(ns: argparse.Namespace, path: str | None, settings: Set
         from qlaunch.config.checkpoint import GPTQ_EMBEDDINGS
 
         settings.problems.append(GPTQ_EMBEDDINGS.format(modules=" ".join(ns.lora_modules_to_save)))
+    if settings.quant_method == "gptq" and getattr(ns, "use_dora", False) and use_lora:
+        settings.problems.append("--use_dora with a GPTQ base: peft has no DoRA layer for GPTQ kernels (its "
+                                 "QuantLinear refuses it); use plain LoRA (optionally --use_rslora) or an NF4 base.")
 
 
 def shard_4bit_storage(ns: argparse.Namespace, settings: Settings, engine: str) -> None:
@@ -116,6 +119,10 @@ def shard_4bit_storage(ns: argparse.Namespace, settings: Settings, engine: str) 
 def resolve_deepspeed(ns: argparse.Namespace, settings: Settings) -> None:
     ds_config = read_json_config(ns.deepspeed)
     settings.warnings += deepspeed_config_warnings(ds_config, str(getattr(ns.optim, "value", ns.optim)))
+    if getattr(ns, "loraplus_lr_ratio", None) and ds_config.get("optimizer"):
+        settings.problems.append("--loraplus_lr_ratio with a DeepSpeed config that has an optimizer block: DeepSpeed "
+                                 "builds that optimizer itself, without LoRA+'s learning-rate groups; use a config "
+                                 "without the block (ds_configs/zero2.json, zero3.json).")
     if zero_stage(ds_config) != 3:
         return
     if settings.quant_method == "gptq":

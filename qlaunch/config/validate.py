@@ -41,9 +41,18 @@ def _check_paths(ns: argparse.Namespace, problems: list[str]) -> None:
     problems.extend(config_file_problems(ns.config, ns.deepspeed, ns.fsdp_config))
 
 
+# peft initialisations that change the base weights (PiSSA, OLoRA, LoftQ) or need data (CorDA, EVA)
+REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "eva")
+
+
 def _check_values(ns: argparse.Namespace, problems: list[str]) -> None:
+    init = str(getattr(ns, "init_lora_weights", "true")).lower()
     for name, allowed in CHOICES.items():
-        if getattr(ns, name) not in allowed:
+        if name == "init_lora_weights" and init.startswith(REWRITING_INITS):
+            problems.append(f"--init_lora_weights {init}: not supported yet — it rewrites the base weights (or needs "
+                            "calibration data), and the saved adapter would need converting to load on the original "
+                            "base; use true or gaussian.")
+        elif getattr(ns, name) not in allowed:
             problems.append(f"--{name} {getattr(ns, name)!r}: choose one of {', '.join(allowed)}.")
     problems.extend(domain_problems(ns, FINETUNE))  # every numeric flag: type, finite, range
     if ns.packing and ns.lazy_preprocess:
@@ -57,8 +66,9 @@ def _check_values(ns: argparse.Namespace, problems: list[str]) -> None:
             "(or use --truncation truncate)."
         )
     if not (ns.use_lora or ns.q_lora):
-        for flag in ("lora_weight_path", "lora_modules_to_save", "lora_target_modules"):
-            if getattr(ns, flag):
+        for flag in ("lora_weight_path", "lora_modules_to_save", "lora_target_modules", "use_dora", "use_rslora",
+                     "loraplus_lr_ratio"):
+            if getattr(ns, flag, None):
                 problems.append(f"--{flag} has no effect without --use_lora (or --q_lora).")
     if ns.quantization != "auto" and not ns.q_lora:
         problems.append(f"--quantization {ns.quantization} has no effect without --q_lora.")

@@ -46,6 +46,7 @@ class Job:
     lora_r: int = 64
     lora_targets: tuple[str, ...] = ()  # empty: every block projection (qlaunch's default)
     lora_dropout: float = 0.05
+    dora: bool = False  # DoRA: a trained magnitude per output, the weight's norm recomputed every forward
     modules_to_save: tuple[str, ...] = ()
     fp32_trainables: bool = False
     optim: str = "adamw_torch"
@@ -123,7 +124,8 @@ def _lora(shape: Shape, job: Job) -> tuple[int, list[tuple[int, int]], list]:
     """LoRA parameter count, its matrices, and the adapted projections of one block."""
     targets = set(job.lora_targets)
     adapted = [lin for lin in shape.block if not targets or lin.name in targets]
-    params = shape.layers * sum(job.lora_r * (lin.n_in + lin.n_out) for lin in adapted)
+    params = shape.layers * sum(job.lora_r * (lin.n_in + lin.n_out) + (lin.n_out if job.dora else 0)
+                                for lin in adapted)
     matrices = [(job.lora_r, lin.n_in) for lin in adapted] + [(lin.n_out, job.lora_r) for lin in adapted]
     return params, matrices * shape.layers, adapted
 
@@ -297,6 +299,10 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
                    "backward working set": working}
     if dequant:
         block_phase["4-bit dequantization workspace"] = dequant
+    if job.use_lora and job.dora:
+        # peft's DoRA forms each adapted weight whole to take its column norms: the (dequantized) weight in the
+        # compute dtype, B @ A and their sum in fp32 — one layer at a time, freed before the next
+        block_phase["DoRA weight norm (one layer)"] = largest * (c + 4 + 4)
     if zero3_gather:
         label = "FSDP2 gathered blocks" if fsdp else "ZeRO-3 gathered blocks"
         loss_phase[label] = block_phase[label] = zero3_gather

@@ -122,6 +122,7 @@ def build_job(args, settings, target: Target, seq_len: int, logits_share: float 
         lora_r=int(args.lora_r),
         lora_targets=tuple(args.lora_target_modules or ()),
         lora_dropout=float(args.lora_dropout),
+        dora=bool(getattr(args, "use_dora", False)),
         modules_to_save=tuple(args.lora_modules_to_save or ()),
         fp32_trainables=bool(settings.fp32_trainables),
         optim=str(_value(args.optim)),

@@ -65,9 +65,18 @@ def attach_lora(model: PreTrainedModel, lora_args, *, quant_method: str | None, 
         target_modules=targets,
         bias=lora_args.lora_bias,
         modules_to_save=lora_args.lora_modules_to_save,
+        use_dora=bool(getattr(lora_args, "use_dora", False)),
+        use_rslora=bool(getattr(lora_args, "use_rslora", False)),
+        init_lora_weights=peft_init(getattr(lora_args, "init_lora_weights", "true")),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def peft_init(value) -> bool | str:
+    """--init_lora_weights as peft takes it: true / false as booleans, a method by its name."""
+    text = str(value).lower()
+    return {"true": True, "false": False}.get(text, text)
 
 
 def upcast_trainables(model: torch.nn.Module) -> int:

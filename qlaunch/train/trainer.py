@@ -15,6 +15,7 @@ from qlaunch.train.checkpoints import AtomicCheckpointMixin, newest_complete_che
 from qlaunch.train.fsdp import Fsdp2Mixin
 from qlaunch.train.loss import LabelledLogitsMixin, labelled_logits_unsupported
 from qlaunch.train.metrics import TrainedTokenCountMixin
+from qlaunch.train.optim import LoraPlusMixin
 
 log = logging.getLogger("qlaunch")
 
@@ -27,10 +28,11 @@ def make_collator(tokenizer, on_gpu: bool, attn_implementation: str | None = Non
                            flatten_packed=flattens_packed_rows(attn_implementation))
 
 
-class QlaunchTrainer(Fsdp2Mixin, AtomicCheckpointMixin, TrainedTokenCountMixin, LabelledLogitsMixin, Trainer):
+class QlaunchTrainer(Fsdp2Mixin, AtomicCheckpointMixin, TrainedTokenCountMixin, LabelledLogitsMixin, LoraPlusMixin,
+                     Trainer):
     """transformers' Trainer with atomic checkpoints (qlaunch/train/checkpoints.py), a count of the
     trained tokens (qlaunch/train/metrics.py), logits only at labelled positions (qlaunch/train/loss.py)
-    and FSDP2 on CPU worlds as on GPUs (qlaunch/train/fsdp.py)."""
+    FSDP2 on CPU worlds as on GPUs (qlaunch/train/fsdp.py) and LoRA+ learning-rate groups (qlaunch/train/optim.py)."""
 
 
 def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, callbacks=(), rank0_weights=None):
@@ -48,6 +50,8 @@ def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, ca
         callbacks=list(callbacks),
     )
     trainer.rank0_weights = rank0_weights
+    if config.lora.use_lora and getattr(config.lora, "loraplus_lr_ratio", None):
+        trainer.loraplus_lr_ratio = config.lora.loraplus_lr_ratio
     if args.labelled_logits_only:
         reason = labelled_logits_unsupported(model, args)
         if reason:

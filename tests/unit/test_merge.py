@@ -45,6 +45,11 @@ def test_merged_model_matches_trained_adapter(kind, demo, tmp_path):
     assert report == info["report"] and report["probes"] == demo["train"]  # the adapter's training data
     print(f"{kind} merge report: {report}")
     assert report["top1_agreement"] >= 0.99 and report["within_tolerance"] and report["positions"] > 100
+    # the proof: merged vs unmerged on the same float32 dequantized weights, float round-off only
+    exact = report["exact"]
+    assert exact["passed"] and exact["max_abs_logit_diff"] <= exact["bound"] and exact["max_abs_logit_diff"] < 1e-4
+    assert report["decisive_positions"] + report["near_ties"] == report["positions"]
+    assert report["decisive_top1_agreement"] == 1.0  # where the kernels' noise cannot flip the winner
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     assert not hasattr(merged.config, "quantization_config")
     assert all(type(m) is torch.nn.Linear for n, m in merged.named_modules() if n.endswith("q_proj"))
@@ -105,3 +110,32 @@ def test_lora_merge_report_and_base_route(demo, tmp_path):
     print({k: (v["top1_agreement"], v["max_abs_logit_diff"]) for k, v in routes.items()})
     assert routes["dequantized"]["max_abs_logit_diff"] < routes["given base"]["max_abs_logit_diff"]
     assert routes["given base"]["merged_into"] == "base weights"
+
+
+def test_a_wrong_merge_fails_the_proof_with_exit_4(demo, tmp_path, monkeypatch, capsys):
+    """A merge with the wrong scaling (here: B doubled as it merges) is far outside float round-off of the
+    unmerged adapter on the same weights: exit 4, whatever the 4-bit kernels' noise."""
+    from peft.tuners.lora import LoraModel
+
+    from qlaunch import merge as merge_cmd
+
+    out = tmp_path / "adapter"
+    fit(prepare(["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--output_dir", str(out),
+                 "--q_lora", *FAST]))
+    real = LoraModel.merge_and_unload
+
+    def doubled(self, *args, **kwargs):
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(2)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", doubled)
+    with pytest.raises(SystemExit) as exit_info:
+        merge_cmd.main(["--adapter", str(out), "--out", str(tmp_path / "merged")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == merge_cmd.EXIT_MISMATCH, err
+    assert "is not the adapter model on the same weights" in err
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert not report["exact"]["passed"] and report["exact"]["max_abs_logit_diff"] > 10 * report["exact"]["bound"]

@@ -59,8 +59,33 @@ class PreemptionCallback(TrainerCallback):
         return control
 
 
+def _local(p):
+    """The values this rank holds of a parameter: its ZeRO-3 partition or FSDP2 shard, else itself."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor
+    return p._local_tensor if type(p).__name__ == "DTensor" else p
+
+
+def trainables_finite(model) -> bool:
+    """Whether every trainable value this rank holds is finite (one device sync)."""
+    import torch
+
+    checks = [torch.isfinite(_local(p)).all() for p in model.parameters() if p.requires_grad]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
 class NonFiniteLossGuard(TrainerCallback):
-    """Stop as soon as a logged loss is NaN or inf instead of training on garbage."""
+    """Stop as soon as a logged loss is NaN or inf instead of training on garbage; and before any log or
+    checkpoint, check the trainable weights themselves (an update can overflow them while the loss that
+    was logged, computed before it, is still finite): a checkpoint is never written with non-finite weights."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.bad_step is None and model is not None and (control.should_save or control.should_log):
+            if any_rank(not trainables_finite(model), args.device):
+                self.bad_step, self.bad_value, self.what = state.global_step, float("nan"), "weights"
+                control.should_save = False
+                control.should_training_stop = True
+        return control
 
     def __init__(self):
         self.bad_step: int | None = None
@@ -78,8 +103,10 @@ class NonFiniteLossGuard(TrainerCallback):
         return control
 
     def message(self) -> str:
+        what = {"loss": "loss", "grad_norm": "gradient norm", "weights": "trainable weights"}[self.what]
+        saved = " (no checkpoint was written with them)" if self.what == "weights" else ""
         return (
-            f"training {'loss' if self.what == 'loss' else 'gradient norm'} became {self.bad_value} at step "
-            f"{self.bad_step}; stopped. Lower --learning_rate, "
-            "add --max_grad_norm 1.0, or use --bf16 True instead of --fp16 on GPUs that support it."
+            f"training {what} became {self.bad_value} at step {self.bad_step}{saved}; stopped. The learning rate "
+            "is the usual cause: lower --learning_rate, add --max_grad_norm 1.0, or use --bf16 True instead of "
+            "--fp16 on GPUs that support it."
         )

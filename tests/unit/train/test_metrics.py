@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import torch
 
 from qlaunch.data.collate import PaddingCollator
 from qlaunch.data.labels import IGNORE_INDEX

@@ -33,7 +33,9 @@ SLURM: sbatch [--nodes=N] [--gres=gpu:G] [--cpus-per-task=C] [--exclusive] launc
   c10d rendezvous on the NodeAddr of the first host of the allocation (override: RDZV_HOST,
   RDZV_PORT; an inherited MASTER_ADDR/MASTER_PORT/NNODES is ignored); the node with
   SLURM_NODEID=0 hosts the store (is_host), so it does not depend on interface matching.
-  RDZV id = job id. Processes per node: NPROC_PER_NODE, else GPUS_PER_NODE, else
+  Each node passes its own NodeAddr as torchrun's --local_addr (override: LOCAL_ADDR): the workers'
+  MASTER_ADDR is then rank 0's NodeAddr, not its hostname. One CPU per task (no --cpus-per-task)
+  is warned about. RDZV id = job id. Processes per node: NPROC_PER_NODE, else GPUS_PER_NODE, else
   SLURM_GPUS_ON_NODE, else nvidia-smi -L, else 1 (CPU; OMP_NUM_THREADS = SLURM_CPUS_ON_NODE /
   processes). Preemption: SLURM sends SIGUSR1 120 s before the end (--signal=USR1@120);
   finetune.py checkpoints, stops and requeues the job (--requeue); a requeued run

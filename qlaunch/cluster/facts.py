@@ -26,6 +26,7 @@ class Facts:
     free_port: int = 29500  # a free TCP port on 127.0.0.1
     slurm_first_host: str | None = None  # first host of SLURM_JOB_NODELIST
     slurm_first_addr: str | None = None  # its NodeAddr
+    slurm_node_addr: str | None = None  # this node's NodeAddr (what its workers are reached at)
 
 @dataclass
 class LaunchPlan:
@@ -76,12 +77,19 @@ def run_quietly(cmd: list[str]) -> str:
         return ""
 
 def detect_facts(env: dict, mode: str) -> Facts:
-    first = addr = None
+    first = addr = own = None
     if mode == "slurm" and env.get("SLURM_JOB_NODELIST"):
         hosts = run_quietly(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]]).split()
         first = hosts[0] if hosts else None
         if first:
-            fields = run_quietly(["scontrol", "show", "node", "-o", first]).split()
-            addr = next((f.split("=", 1)[1] for f in fields if f.startswith("NodeAddr=")), None)
+            addr = node_addr(first)
+        if env.get("SLURMD_NODENAME"):
+            own = addr if env["SLURMD_NODENAME"] == first else node_addr(env["SLURMD_NODENAME"])
     return Facts(gpus=gpu_count(env, run_quietly(["nvidia-smi", "-L"]).splitlines()), cpus=os.cpu_count() or 1,
-                 free_port=free_port(), slurm_first_host=first, slurm_first_addr=addr)
+                 free_port=free_port(), slurm_first_host=first, slurm_first_addr=addr, slurm_node_addr=own)
+
+
+def node_addr(node: str) -> str | None:
+    """A SLURM node's NodeAddr: its address on the job network, which its hostname may not resolve to."""
+    fields = run_quietly(["scontrol", "show", "node", "-o", node]).split()
+    return next((f.split("=", 1)[1] for f in fields if f.startswith("NodeAddr=")), None)

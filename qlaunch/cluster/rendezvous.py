@@ -9,8 +9,11 @@ def is_loopback(addr: str) -> bool:
     return addr.startswith("127.") or addr in ("localhost", "::1")
 
 def rendezvous(env: dict, nnodes: int, nproc: int, *, restarts: int, c10d: bool, endpoint: tuple[str, int] | None,
-               node_rank: int | None, rdzv_id: str, is_host: bool | None = None) -> tuple[list[str], dict]:
-    """torchrun's rendezvous flags and the env they need. endpoint None: --standalone."""
+               node_rank: int | None, rdzv_id: str, is_host: bool | None = None,
+               local_addr: str | None = None) -> tuple[list[str], dict]:
+    """torchrun's rendezvous flags and the env they need. endpoint None: --standalone. local_addr: this
+    node's address on the job network; the agent of rank 0 publishes it as the workers' MASTER_ADDR
+    (without it torch publishes socket.getfqdn(), which need not resolve on that network)."""
     flags = [f"--nnodes={nnodes}", f"--nproc_per_node={nproc}"]
     extra_env = {}
     if endpoint is None:
@@ -28,6 +31,8 @@ def rendezvous(env: dict, nnodes: int, nproc: int, *, restarts: int, c10d: bool,
         extra_env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if endpoint is not None and is_loopback(endpoint[0]):
         flags.append("--local_addr=127.0.0.1")  # advertise loopback; else torch uses socket.getfqdn()
+    elif endpoint is not None and local_addr:
+        flags.append(f"--local_addr={local_addr}")
     return flags, extra_env
 
 def single_process_env(env: dict, port: int) -> dict:

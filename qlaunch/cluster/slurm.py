@@ -20,8 +20,16 @@ def plan_slurm(args, env: dict, facts: Facts, python: str, ft: list[str], restar
     port = int(env.get("RDZV_PORT") or 20000 + int(job) % 10000)
     nproc, on_gpu = processes_per_node(env, facts, "slurm")
     threads_env, notes = cpu_threads(env, facts, nproc, on_gpu)
+    # The workers' MASTER_ADDR is what rank 0's agent publishes: this node's NodeAddr (LOCAL_ADDR overrides).
+    local = env.get("LOCAL_ADDR") or facts.slurm_node_addr
     flags, rdzv_env = rendezvous(env, nnodes, nproc, restarts=restarts, c10d=True, endpoint=(host, port),
-                                 node_rank=None, rdzv_id=env.get("RDZV_ID") or job, is_host=node_id == 0)
+                                 node_rank=None, rdzv_id=env.get("RDZV_ID") or job, is_host=node_id == 0,
+                                 local_addr=local)
+    if env.get("SLURM_CPUS_PER_TASK", "1") in ("", "1") and node_id == 0:
+        notes.append(f"warning: SLURM gives each task 1 CPU unless asked (SLURM_CPUS_PER_TASK "
+                     f"{env.get('SLURM_CPUS_PER_TASK') or 'unset'}): torchrun, its {nproc} worker(s) and their data "
+                     "loaders share it; submit with --cpus-per-task=N (the sbatch scripts pass it to srun) or "
+                     "--exclusive.")
     if node_id == 0:
         notes.append(f"SLURM job {job} start: nodes={nnodes} ({env.get('SLURM_JOB_NODELIST', first)}) "
                      f"nproc_per_node={nproc} rendezvous={host}:{port} (first host {first}) "

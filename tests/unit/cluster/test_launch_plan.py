@@ -205,3 +205,25 @@ def test_fsdp_config_replaces_deepspeed_on_eight_gpus_and_slurm():
                                                  {}, GPU_BOX).argv)
     with pytest.raises(LaunchError, match="--fsdp_config: file not found"):
         make(["-m", "M", "-d", "D", "--fsdp", "nope.json"], {}, GPU_BOX)
+
+
+def test_slurm_workers_are_reached_at_the_node_s_own_address_not_its_hostname():
+    """torch publishes rank 0's socket.getfqdn() as the workers' MASTER_ADDR unless torchrun gets
+    --local_addr: each node passes its NodeAddr (LOCAL_ADDR overrides); issue 22."""
+    facts = Facts(gpus=0, cpus=64, free_port=1, slurm_first_host="gpu01", slurm_first_addr="10.1.0.1",
+                  slurm_node_addr="10.1.0.3")
+    p = make(["-m", "M", "-d", "D"], slurm_env(2), facts, mode="slurm")
+    assert torchrun_args(p.argv).local_addr == "10.1.0.3"
+    p = make(["-m", "M", "-d", "D"], slurm_env(2, LOCAL_ADDR="ib0.gpu03"), facts, mode="slurm")
+    assert torchrun_args(p.argv).local_addr == "ib0.gpu03"
+    p = make(["-m", "M", "-d", "D"], slurm_env(2), SLURM_FACTS, mode="slurm")  # unknown: torch's own default
+    assert torchrun_args(p.argv).local_addr is None
+
+
+def test_slurm_one_cpu_per_task_is_warned_about():
+    one = make(["-m", "M", "-d", "D"], slurm_env(0), SLURM_FACTS, mode="slurm")
+    assert any("SLURM gives each task 1 CPU unless asked" in n and "--cpus-per-task" in n for n in one.notes)
+    many = make(["-m", "M", "-d", "D"], slurm_env(0, SLURM_CPUS_PER_TASK="32"), SLURM_FACTS, mode="slurm")
+    assert not any("1 CPU" in n for n in many.notes)
+    other_node = make(["-m", "M", "-d", "D"], slurm_env(1), SLURM_FACTS, mode="slurm")
+    assert not any("1 CPU" in n for n in other_node.notes)  # said once per job

@@ -24,6 +24,21 @@ def setup_logging() -> None:
     log.propagate = False
 
 
+def use_srun_task_env() -> dict:
+    """Started by plain srun, one task per GPU: the rank variables torchrun would have set (returned)."""
+    from qlaunch.cluster.rendezvous import srun_task_env
+
+    if "SLURM_STEP_NUM_TASKS" not in os.environ or "RANK" in os.environ:
+        return {}
+    from qlaunch.cluster.facts import node_addr, run_quietly
+
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_NODELIST") or ""
+    hosts = run_quietly(["scontrol", "show", "hostnames", nodes]).split() if nodes else []
+    added = srun_task_env(os.environ, node_addr(hosts[0]) if hosts else None)
+    os.environ.update(added)
+    return added
+
+
 def use_single_process_env() -> None:
     """DeepSpeed without a launcher: give this process the rank variables a launcher would."""
     from qlaunch.cluster.rendezvous import free_port, single_process_env
@@ -337,7 +352,10 @@ def main(argv=None, extra_callbacks=()) -> None:
 
     from qlaunch.memory import fit as memory_fit
 
+    from_srun = use_srun_task_env()  # before anything reads the rank or the world size
     setup_logging()
+    if from_srun:
+        log.info("srun task without a launcher: %s", " ".join(f"{k}={v}" for k, v in from_srun.items()))
     config = None
     local_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0
     try:

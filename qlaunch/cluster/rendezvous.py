@@ -50,3 +50,24 @@ def free_port(addr: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((addr, 0))
         return s.getsockname()[1]
+
+
+def srun_task_env(env: dict, first_addr: str | None) -> dict:
+    """The rank variables of a task started by plain `srun --ntasks-per-node=G python finetune.py` (one
+    task per GPU, no torchrun in between), from SLURM's own: SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS;
+    rank 0's address is the step's first node's NodeAddr (`first_addr`, else its name), the port derived
+    from the job and step ids so every task computes the same one without talking. {} when a launcher
+    already set them, outside a job step, or for a single task."""
+    # SLURM_STEP_NUM_TASKS is set by srun for its step only: a batch script's own shell (sbatch --ntasks=N
+    # sets SLURM_NTASKS there too) is never taken for a task of an N-task step.
+    if any(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) or "SLURM_STEP_NUM_TASKS" not in env:
+        return {}
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or 1)
+    if tasks < 2 or "SLURM_PROCID" not in env:
+        return {}
+    nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    first = first_addr or (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1").split(",")[0]
+    job, step = int(env.get("SLURM_JOB_ID") or 0), int(env.get("SLURM_STEP_ID") or 0)
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(tasks), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": str(max(tasks // max(nodes, 1), 1)),
+            "MASTER_ADDR": first, "MASTER_PORT": str(30000 + (job * 7 + step) % 10000)}

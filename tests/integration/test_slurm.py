@@ -62,6 +62,35 @@ def test_sbatch_two_processes(slurm, launch_demo, runs_dir, ddp_run):
     assert run.losses() == pytest.approx(ddp_run.losses(), rel=1e-5)
 
 
+def test_plain_srun_one_task_per_process_without_torchrun(slurm, launch_demo, runs_dir, ddp_run):
+    """srun --ntasks=2 python finetune.py (what sites that start one task per GPU do): finetune.py takes
+    its rank, world size and rank 0's address from SLURM's variables; the result equals torchrun's DDP run
+    with the same arguments (issue 22)."""
+    import sys
+
+    from launchkit import REPO
+
+    work = runs_dir / "srun_tasks"
+    work.mkdir()
+    out, dump = work / "out", work / "ranks"
+    env = slurm.env(base_env(PYTHONPATH=HOOKS / "dump_weights", QLAUNCH_TEST_DUMP_DIR=dump))
+    ft = [sys.executable, str(REPO / "finetune.py"), "--config", str(REPO / "recipes" / "lora-default.yaml"),
+          "--model_name_or_path", str(launch_demo["model"]), "--data_path", str(launch_demo["data"]),
+          "--use_lora", "True", "--q_lora", "False", "--output_dir", str(out), *TINY,
+          "--per_device_train_batch_size", str(GLOBAL_BATCH // 2)]
+    r = slurm.run("srun", "--ntasks=2", "--cpus-per-task=1", f"--chdir={work}", *ft, env=env, timeout=600,
+                  check=False)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, f"{log[-6000:]}\n{slurm.logs()}"
+    assert "srun task without a launcher: RANK=0 WORLD_SIZE=2 LOCAL_RANK=0" in log, log[-3000:]
+    run = Run(cmd=["srun"], out=out, log=work / "none", returncode=0, dump=dump)
+    assert run.run_info()["world_size"] == 2
+    assert_ranks_identical(run, 2)
+    diff = max_abs_diff(run.adapter(), ddp_run.adapter())
+    print(f"srun 2 tasks vs torchrun DDP: max |adapter diff| = {diff:.3g}")
+    assert diff <= 1e-6
+
+
 def test_sbatch_help_and_bad_flag_outside_slurm():
     import subprocess
 

@@ -227,3 +227,21 @@ def test_slurm_one_cpu_per_task_is_warned_about():
     assert not any("1 CPU" in n for n in many.notes)
     other_node = make(["-m", "M", "-d", "D"], slurm_env(1), SLURM_FACTS, mode="slurm")
     assert not any("1 CPU" in n for n in other_node.notes)  # said once per job
+
+
+def test_plain_srun_tasks_get_the_rank_variables_torchrun_would_set():
+    """srun --ntasks-per-node=G python finetune.py: no torchrun in between (issue 22)."""
+    from qlaunch.cluster.rendezvous import srun_task_env
+
+    step = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "16", "SLURM_STEP_NUM_NODES": "2",
+            "SLURM_STEP_NODELIST": "gpu[01-02]"}
+    envs = [srun_task_env({**step, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r % 8)}, "10.1.0.1")
+            for r in range(16)]
+    assert [e["RANK"] for e in envs] == [str(r) for r in range(16)]
+    assert {e["WORLD_SIZE"] for e in envs} == {"16"} and {e["LOCAL_WORLD_SIZE"] for e in envs} == {"8"}
+    assert [e["LOCAL_RANK"] for e in envs[6:10]] == ["6", "7", "0", "1"]
+    assert {(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs} == {("10.1.0.1", str(30000 + (4242 * 7) % 10000))}
+    assert srun_task_env({**step, "SLURM_PROCID": "0", "RANK": "3"}, "x") == {}  # torchrun set them already
+    assert srun_task_env({**step, "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}, "x") == {}  # one task
+    # the batch script's own shell under sbatch --ntasks=2: not a task of a step
+    assert srun_task_env({"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "x") == {}

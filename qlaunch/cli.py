@@ -134,10 +134,16 @@ def load_model(config):
     settings = config.settings
 
     def load():
-        return load_base_model(
+        model = load_base_model(
             margs, largs, config.quant_method, config.compute_dtype, use_cpu=targs.use_cpu,
             engine=settings.engine if settings else Engine(), load_dtype=settings.load_dtype if settings else None,
         )
+        if settings and settings.shard_gptq:  # before the skeleton is taken, so the packed weights travel as meta
+            from qlaunch.model.gptq_shard import make_shardable
+
+            log.info("GPTQ base: %d layers' packed weights stored as frozen %s parameters for %s to shard.",
+                     make_shardable(model, config.compute_dtype), config.compute_dtype, settings.engine.label)
+        return model
 
     if settings and settings.rank0_load:
         from qlaunch.model.rank0_load import load_on_rank0
@@ -168,7 +174,7 @@ def describe_run(config, trainer, model, targets) -> dict:
     from qlaunch.train.trainer import run_info
 
     trainable, total = count_parameters(model)
-    note = " (packed GPTQ weights are buffers, not counted)" if config.quant_method == "gptq" else ""
+    note = " (packed GPTQ weights not counted)" if config.quant_method == "gptq" else ""
     log.info("Trainable parameters: %s of %s (%.3f%%)%s", f"{trainable:,}", f"{total:,}",
              100 * trainable / max(total, 1), note)
     info = run_info(config, trainer, trainable, total, targets)
@@ -293,7 +299,7 @@ def fit(config, extra_callbacks=(), signals: PreemptionSignals | None = None) ->
 
     model, targets = load_model(config)
     rank0_weights = None
-    if config.settings and config.settings.rank0_load:
+    if config.settings and config.settings.rank0_load and config.settings.rank0_scatter:
         from qlaunch.model.rank0_load import rank0_tensors
 
         rank0_weights = rank0_tensors(model)  # before fully_shard replaces them; scattered after it

@@ -7,17 +7,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-GPTQ_ZERO3 = (
-    "--deepspeed with ZeRO-3 cannot shard a GPTQ Int4 base: its packed int32 weights are buffers that "
-    "ZeRO-3 does not partition, and gptqmodel kernels need them whole. Use ds_configs/zero2.json "
-    "(a 4-bit 7B base fits one GPU; ZeRO-2 shards the optimizer state and gradients)."
-)
-GPTQ_FSDP = (
-    "--fsdp_config with a GPTQ Int4 base: its packed int32 weights are buffers that FSDP2 does not shard, "
-    "and gptqmodel kernels need them whole. Use DDP or ds_configs/zero2.json (a 4-bit 7B base fits one GPU)."
-)
-
-
 @dataclass(frozen=True)
 class Engine:
     """What the engine of a run shards, from its config."""

@@ -16,8 +16,6 @@ import torch
 
 from qlaunch.config.domains import FINETUNE
 from qlaunch.config.engine import (
-    GPTQ_FSDP,
-    GPTQ_ZERO3,
     Engine,
     deepspeed_config_warnings,
     engine_of,
@@ -38,6 +36,8 @@ class Settings:
     fp32_trainables: bool = False  # upcast 16-bit trainable parameters after LoRA is attached
     engine: Engine = field(default_factory=Engine)  # DDP, DeepSpeed ZeRO-n or FSDP2: what is sharded
     rank0_load: bool = False  # FSDP2 + 4-bit: rank 0 reads the base, the others get shards (model/rank0_load)
+    rank0_scatter: bool = True  # ...and qlaunch scatters its tensors (accelerate does it for GPTQ, rank0_load)
+    shard_gptq: bool = False  # ZeRO-3 / FSDP2 + GPTQ: packed weights as shardable parameters (model/gptq_shard)
     model: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -96,11 +96,18 @@ def resolve_quantization(ns: argparse.Namespace, path: str | None, settings: Set
 
 
 def shard_4bit_storage(ns: argparse.Namespace, settings: Settings, engine: str) -> None:
-    """ZeRO-3 and FSDP2 shard parameters; bitsandbytes' packed 4-bit weights shard with the rest only
-    when stored in a floating dtype (transformers/peft's recipe): the compute dtype, unless chosen.
+    """ZeRO-3 and FSDP2 shard parameters; packed 4-bit weights shard with the rest only when stored in a
+    floating dtype. bitsandbytes' (transformers/peft's recipe): the compute dtype, unless chosen. GPTQ's:
+    always the compute dtype, the same bytes (qlaunch.model.gptq_shard).
     An integer storage is refused: FSDP2 leaves it out of sharding (accelerate puts such Params4bit in
     ignored_params: every rank keeps the whole 4-bit base), and DeepSpeed casts parameters to the
     compute dtype at init, which would turn packed codes into different numbers."""
+    if settings.quant_method == "gptq":
+        settings.shard_gptq = True
+        settings.notes.append(f"{engine} with GPTQ: packed weights become frozen {settings.compute_dtype} parameters "
+                              f"holding the same bytes, so {engine} shards them; the kernels read them back as "
+                              "int32 inside forward.")
+        return
     if settings.quant_method not in ("nf4", "fp4"):
         return
     if ns.bnb_4bit_quant_storage in ("uint8", "int8"):
@@ -125,10 +132,7 @@ def resolve_deepspeed(ns: argparse.Namespace, settings: Settings) -> None:
                                  "without the block (ds_configs/zero2.json, zero3.json).")
     if zero_stage(ds_config) != 3:
         return
-    if settings.quant_method == "gptq":
-        settings.problems.append(GPTQ_ZERO3)
-    else:
-        shard_4bit_storage(ns, settings, "ZeRO-3")
+    shard_4bit_storage(ns, settings, "ZeRO-3")
 
 
 def resolve_fsdp(ns: argparse.Namespace, settings: Settings, env=os.environ) -> None:
@@ -156,12 +160,13 @@ def resolve_fsdp(ns: argparse.Namespace, settings: Settings, env=os.environ) -> 
         settings.problems.append(f"--fsdp_config: state_dict_type {state_dict}: qlaunch saves the adapter gathered "
                                  "(FULL_STATE_DICT; the Trainer writes no weights otherwise). The adapter and its "
                                  "optimizer state are small; set \"state_dict_type\": \"FULL_STATE_DICT\".")
-    if settings.quant_method == "gptq":
-        settings.problems.append(GPTQ_FSDP)
-    else:
-        shard_4bit_storage(ns, settings, "FSDP2")
-    if settings.quant_method in ("nf4", "fp4") and world_size(env) > 1:
+    shard_4bit_storage(ns, settings, "FSDP2")
+    if settings.quant_method in ("nf4", "fp4", "gptq") and world_size(env) > 1:
+        from qlaunch.model.rank0_load import scatter_needed
+
         settings.rank0_load = True
+        settings.rank0_scatter = scatter_needed(
+            settings.quant_method, str(config.get("cpu_ram_efficient_loading", False)).lower() == "true")
         settings.notes.append("FSDP2 with a 4-bit base: rank 0 loads it in host memory; the other ranks read nothing "
                               "and receive their shards once fully_shard has run.")
     if world_size(env) < 2 and not ns.dry_run:

@@ -30,7 +30,16 @@ def prepare_gptqmodel() -> None:
     os.environ.update(gptqmodel_pool_env(os.environ, os.cpu_count() or 1))
 
 
-def gptq_training_config():
+def trainable_backend(*, cuda: bool, built_on_host: bool) -> str:
+    """The gptqmodel backend for training, from the device facts (pure: tested with GPU facts).
+
+    gptqmodel picks a kernel for the device a layer is built on. A base built in host memory that will
+    train on a GPU (FSDP2 moves it shard by shard, ZeRO-3 partitions it) would get the CPU-only
+    TorchAtenLinear; ask for the Torch kernel there, which runs on every device and has a backward."""
+    return "torch" if cuda and built_on_host else TRAINABLE_BACKEND
+
+
+def gptq_training_config(backend: str | None = None):
     """Loading attributes for a GPTQ checkpoint that LoRA will train on.
 
     For a checkpoint that already carries a quantization_config, transformers keeps its
@@ -39,7 +48,7 @@ def gptq_training_config():
     from transformers import GPTQConfig
 
     prepare_gptqmodel()
-    return GPTQConfig(bits=4, backend=TRAINABLE_BACKEND)
+    return GPTQConfig(bits=4, backend=backend or TRAINABLE_BACKEND)
 
 
 def pin_training_kernels(model) -> int:

@@ -36,7 +36,7 @@ def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def quantization_config(quant_method: str | None, compute_dtype: torch.dtype, lora_args):
+def quantization_config(quant_method: str | None, compute_dtype: torch.dtype, lora_args, gptq_backend=None):
     if quant_method in ("nf4", "fp4"):
         from transformers import BitsAndBytesConfig
 
@@ -53,7 +53,7 @@ def quantization_config(quant_method: str | None, compute_dtype: torch.dtype, lo
     if quant_method == "gptq":
         from qlaunch.model.gptq import gptq_training_config
 
-        return gptq_training_config()
+        return gptq_training_config(gptq_backend)
     return None
 
 
@@ -64,10 +64,11 @@ def device_map_for(quant_method: str | None, *, cuda: bool, engine: Engine, loca
     its own GPU. Under FSDP2 a 4-bit base is built in host memory instead: fully_shard then moves one
     module at a time to the GPU and keeps only this rank's shard there (Params4bit.to carries the
     quantization state along), so no GPU ever holds the whole quantized model. Full-precision bases
-    and ZeRO-3 (which partitions weights itself) load without a device map."""
+    and ZeRO-3 (which partitions weights itself) load without a device map. A GPTQ base under FSDP2 is
+    built in host memory like NF4: its packed weights are shardable parameters once loaded."""
     if quant_method is None or engine.zero_stage == 3:
         return None
-    if not cuda or (engine.name == "fsdp2" and quant_method in ("nf4", "fp4")):
+    if not cuda or engine.name == "fsdp2":
         return {"": "cpu"}
     return {"": local_rank}
 
@@ -76,12 +77,16 @@ def load_base_model(
     model_args, lora_args, quant_method: str | None, compute_dtype: torch.dtype, *, use_cpu: bool,
     engine: Engine = Engine(), load_dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
+    from qlaunch.model.gptq import trainable_backend
+
+    cuda = not use_cpu and torch.cuda.is_available()
+    device_map = device_map_for(quant_method, cuda=cuda, engine=engine, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    backend = trainable_backend(cuda=cuda, built_on_host=device_map in (None, {"": "cpu"}))
     kwargs = {
         "trust_remote_code": model_args.trust_remote_code,
         "dtype": load_dtype or compute_dtype,
-        "quantization_config": quantization_config(quant_method, compute_dtype, lora_args),
-        "device_map": device_map_for(quant_method, cuda=not use_cpu and torch.cuda.is_available(), engine=engine,
-                                     local_rank=int(os.environ.get("LOCAL_RANK", 0))),
+        "quantization_config": quantization_config(quant_method, compute_dtype, lora_args, backend),
+        "device_map": device_map,
     }
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation

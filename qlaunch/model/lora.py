@@ -103,6 +103,9 @@ def numel(param: torch.Tensor) -> int:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(numel(p) for p in model.parameters())
-    return trainable, total
+    """(trainable, total) weights. GPTQ's packed tensors are not counted whether they are buffers or, when an
+    engine shards them, parameters (qlaunch.model.gptq_shard): the count is the same under every engine."""
+    from qlaunch.model.gptq_shard import SUFFIX
+
+    params = [p for name, p in model.named_parameters() if not name.endswith(SUFFIX)]
+    return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)

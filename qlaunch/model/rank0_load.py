@@ -10,16 +10,22 @@ module does the same for them, by hand because no library does:
 1. rank 0 loads the base as usual (in host memory: qlaunch.model.load.device_map_for);
 2. it broadcasts a skeleton: the same modules with every parameter on the meta device and the small
    quantization states (absmax, codebooks: ~1/64 of the 4-bit bytes) real, so the other ranks build
-   nothing and read nothing; LoRA is then attached on every rank alike;
+   nothing and read nothing; LoRA is then attached on every rank alike. A GPTQ base's packed weights
+   are parameters by then (qlaunch.model.gptq_shard) and travel as meta tensors like the rest;
 3. after accelerate's `fully_shard`, rank 0 broadcasts one tensor at a time and each rank keeps its
-   shard (`scatter_from_rank0`), before the first forward and before a checkpoint is resumed.
+   shard (`scatter_from_rank0`), before the first forward and before a checkpoint is resumed. A GPTQ
+   base has no Params4bit, so accelerate does this step itself when `cpu_ram_efficient_loading` is on
+   (`scatter_needed`).
 """
 from __future__ import annotations
 
 import copy
+import types
 
 import torch
 from torch import nn
+
+from qlaunch.model import gptq_shard
 
 
 def _linear4bit_modules(model: nn.Module):
@@ -48,7 +54,14 @@ def skeleton_of(model: nn.Module) -> nn.Module:
                                      bnb_quantized=True)
         else:
             memo[id(p)] = nn.Parameter(meta, requires_grad=p.requires_grad)
-    return copy.deepcopy(model, memo)
+    skeleton = copy.deepcopy(model, memo)
+    gptq_shard.base_classes(skeleton)  # pickled by name: the run-time subclasses exist on rank 0 only
+    for name, value in vars(skeleton).items():
+        # optimum's GPTQ post-init sets model.quantize_config to an instance of a class local to a function,
+        # which pickle cannot name: its attributes travel in a namespace instead
+        if "<locals>" in type(value).__qualname__ and hasattr(value, "__dict__"):
+            setattr(skeleton, name, types.SimpleNamespace(**vars(value)))
+    return skeleton
 
 
 def load_on_rank0(load):
@@ -61,6 +74,7 @@ def load_on_rank0(load):
     if model is None:
         model = box[0]
         _restore_params4bit(model)
+        gptq_shard.restore_classes(model)
     return model
 
 
@@ -78,6 +92,12 @@ def _restore_params4bit(model: nn.Module) -> None:
                                    blocksize=state.blocksize, compress_statistics=state.nested,
                                    quant_type=state.quant_type, quant_storage=weight.dtype, module=module,
                                    bnb_quantized=True)
+
+
+def scatter_needed(quant_method: str | None, cpu_ram_efficient_loading: bool) -> bool:
+    """Whether qlaunch must scatter rank 0's tensors after fully_shard: accelerate broadcasts them itself
+    when cpu_ram_efficient_loading is on, except for models with Params4bit (NF4/FP4), which it skips."""
+    return quant_method in ("nf4", "fp4") or not cpu_ram_efficient_loading
 
 
 def rank0_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

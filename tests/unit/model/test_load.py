@@ -4,13 +4,14 @@ from __future__ import annotations
 import pytest
 
 from qlaunch.config.engine import Engine
+from qlaunch.model.gptq import TRAINABLE_BACKEND, trainable_backend
 from qlaunch.model.load import device_map_for
 
 DDP, ZERO2, ZERO3 = Engine(), Engine("deepspeed", zero_stage=2), Engine("deepspeed", zero_stage=3)
 FSDP2, FSDP2_OFFLOAD = Engine("fsdp2"), Engine("fsdp2", offload_optimizer=True, offload_params=True)
 
 
-@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "gptq"])
 @pytest.mark.parametrize("engine", [FSDP2, FSDP2_OFFLOAD])
 def test_fsdp2_builds_a_4bit_base_in_host_memory_never_on_the_gpu(quant, engine):
     # fully_shard then moves one module at a time to the GPU and keeps this rank's shard there
@@ -33,3 +34,17 @@ def test_full_precision_and_zero3_load_without_a_device_map(engine):
 @pytest.mark.parametrize("engine", [DDP, ZERO2, FSDP2])
 def test_without_cuda_a_quantized_base_loads_on_the_cpu(engine):
     assert device_map_for("nf4", cuda=False, engine=engine, local_rank=1) == {"": "cpu"}
+
+
+@pytest.mark.parametrize("engine", [ZERO3, FSDP2, FSDP2_OFFLOAD])
+def test_a_gptq_base_built_on_the_host_for_a_gpu_gets_the_torch_kernel_that_runs_everywhere(engine):
+    # gptqmodel would pick TorchAtenLinear (CPU only) for layers built on the host
+    placed = device_map_for("gptq", cuda=True, engine=engine, local_rank=1)
+    assert trainable_backend(cuda=True, built_on_host=placed in (None, {"": "cpu"})) == "torch"
+
+
+@pytest.mark.parametrize("engine", [DDP, ZERO2])
+def test_a_gptq_base_built_on_its_gpu_or_trained_on_the_cpu_lets_gptqmodel_choose(engine):
+    placed = device_map_for("gptq", cuda=True, engine=engine, local_rank=1)
+    assert trainable_backend(cuda=True, built_on_host=placed in (None, {"": "cpu"})) == TRAINABLE_BACKEND
+    assert trainable_backend(cuda=False, built_on_host=True) == TRAINABLE_BACKEND

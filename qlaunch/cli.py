@@ -158,6 +158,10 @@ def load_model(config):
             model, largs, quant_method=config.quant_method, gradient_checkpointing=targs.activation_checkpointing
         )
         targets = sorted(next(iter(model.peft_config.values())).target_modules)
+        if settings and settings.shard_gptq:
+            from qlaunch.model.gptq_shard import unalias_peft_layers
+
+            unalias_peft_layers(model)
         if config.settings and config.settings.fp32_trainables:
             upcast = upcast_trainables(model)
             if upcast:

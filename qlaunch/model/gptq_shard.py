@@ -13,13 +13,16 @@ gather and cast like any frozen weight. No library does this for GPTQ, so it is 
   a "cast" to the dtype they already have changes nothing;
 - the layer's class gets properties `qweight`, `qzeros`, `scales`, `g_idx` that view the parameter's
   bytes back as the real dtype and shape whenever the kernel reads them, so they see the gathered
-  full tensor inside forward (FSDP2 gathers per unit, ZeRO-3 per module before forward) and a shard
-  nowhere, because nothing reads them outside forward.
+  full tensor inside forward (FSDP2 gathers per unit, ZeRO-3 per module before forward). Outside
+  forward, where a rank holds only its shard, they are meta tensors of the right shape and dtype:
+  metadata for whoever inspects them, nothing to compute with.
 
 `packed_bytes(model)` returns each layer's tensors as the kernel sees them, to prove the bytes equal
 the checkpoint's after sharding and gathering.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -42,19 +45,23 @@ def to_storage(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return raw.view(dtype)
 
 
+def _nbytes(dtype: torch.dtype, shape: torch.Size) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
 def from_storage(storage: torch.Tensor, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
     """The inverse of to_storage: a view (no copy) of the first bytes as `dtype` in `shape`."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    return storage.reshape(-1).view(torch.uint8)[:nbytes].view(dtype).view(shape)
+    return storage.reshape(-1).view(torch.uint8)[:_nbytes(dtype, shape)].view(dtype).view(shape)
 
 
 def _packed_property(name: str):
     def get(self):
         dtype, shape = self._packed_layout[name]
-        return from_storage(self._parameters[name + SUFFIX], dtype, shape)
+        storage = self._parameters[name + SUFFIX]
+        if type(storage).__name__ == "DTensor" or storage.numel() * storage.element_size() < _nbytes(dtype, shape):
+            # a shard (outside forward): shape and dtype for whoever inspects them, no bytes to compute with
+            return torch.empty(shape, dtype=dtype, device="meta")
+        return from_storage(storage, dtype, shape)
 
     def set_(self, value):
         current = get(self)
@@ -105,6 +112,21 @@ def make_shardable(model: nn.Module, dtype: torch.dtype) -> int:
         module.__class__ = shardable_class(type(module))
         changed += 1
     return changed
+
+
+def unalias_peft_layers(model: nn.Module) -> int:
+    """peft's GPTQ LoRA layer registers the quantized layer twice, as `base_layer` and `quant_linear_module`.
+    torch's state-dict helpers drop frozen parameters by their first name only, so under FSDP2 every
+    checkpoint would carry the whole packed base under the second name (and a resume would fail on it).
+    Keep the second name as a plain attribute: forward still calls the same module, hooks and all."""
+    count = 0
+    for module in model.modules():
+        alias = module._modules.get("quant_linear_module")
+        if alias is not None and alias is module._modules.get("base_layer"):
+            del module._modules["quant_linear_module"]
+            object.__setattr__(module, "quant_linear_module", alias)
+            count += 1
+    return count
 
 
 def base_classes(model: nn.Module) -> None:

@@ -4,7 +4,8 @@ When QLAUNCH_TEST_DUMP_DIR is set, `transformers.Trainer.save_model` is wrapped 
 the normal save, each process writes {name: tensor} of its model's trainable parameters to
 $QLAUNCH_TEST_DUMP_DIR/rank{RANK}.pt, with the bytes of parameter storage it holds. Under ZeRO-3
 and FSDP2 the partitioned parameters are gathered first (a collective: save_model runs on every rank). The tests compare the ranks' files to
-prove the processes really trained one model together.
+prove the processes really trained one model together. It also records the hashes of the packed
+GPTQ tensors each quantized layer's kernel reads in its first forward (gathered, under ZeRO-3/FSDP2).
 
 The wrap is installed lazily by an import hook on `transformers.trainer`, so processes that
 never import it (torchrun's agent, srun) pay nothing.
@@ -45,11 +46,36 @@ def _dump(trainer) -> None:
                 "max_memory_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
                 "rss_at_train_start_kib": getattr(trainer, "_qlaunch_test_rss_at_train", None),
                 "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                "from_pretrained_calls": _FROM_PRETRAINED_CALLS[0]},
+                "from_pretrained_calls": _FROM_PRETRAINED_CALLS[0], "packed_sha256": _PACKED_SHA256},
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 _FROM_PRETRAINED_CALLS = [0]  # models this process read from a checkpoint (rank-0 loading: 0 on other ranks)
+_PACKED_SHA256 = {}  # GPTQ layer -> {qweight|qzeros|scales|g_idx: sha256 of the bytes its kernel read}
+
+
+def _watch_packed_weights(model) -> None:
+    """Record, at each GPTQ layer's first forward, the hashes of the packed tensors its kernel reads: from
+    inside forward (after every pre-forward hook, so ZeRO-3 / FSDP2 have gathered them)."""
+    import hashlib
+
+    import torch
+
+    def digest(tensor) -> str:  # a copy: numpy() would pin the storage FSDP2 frees after forward
+        return hashlib.sha256(tensor.detach().cpu().clone().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+    def watched(name, forward):
+        def forward_and_record(*args, **kwargs):
+            if name not in _PACKED_SHA256:
+                module = forward.__self__
+                _PACKED_SHA256[name] = {key: digest(getattr(module, key))
+                                        for key in ("qweight", "qzeros", "scales", "g_idx")}
+            return forward(*args, **kwargs)
+        return forward_and_record
+
+    for name, module in model.named_modules():
+        if hasattr(module, "g_idx") and hasattr(module, "qweight") and hasattr(module, "dequantize_weight"):
+            module.forward = watched(name, module.forward)
 
 
 def _full(p):
@@ -106,6 +132,16 @@ def _patch(module) -> None:
         return original_train(self, *args, **kwargs)
 
     trainer_cls.train = train
+
+    original_compute_loss = trainer_cls.compute_loss
+
+    def compute_loss(self, model, *args, **kwargs):
+        if not getattr(self, "_qlaunch_test_watching", False):
+            self._qlaunch_test_watching = True
+            _watch_packed_weights(self.model)  # the unwrapped model: names as in a 1-process run
+        return original_compute_loss(self, model, *args, **kwargs)
+
+    trainer_cls.compute_loss = compute_loss
 
     pace = float(os.environ.get("QLAUNCH_TEST_STEP_SLEEP", "0") or 0)
     if pace > 0:  # crash tests: tiny models train faster than a test can aim a kill -9

@@ -133,7 +133,7 @@ def test_zero3_with_nf4_stores_4bit_weights_in_compute_dtype(demo):
     assert any("ZeRO-3 with NF4" in n for n in config.notes)
 
 
-def test_zero3_with_gptq_is_refused_up_front(demo, tmp_path):
+def test_zero3_with_gptq_shards_the_packed_weights(demo, tmp_path):
     import os
 
     pytest.importorskip("gptqmodel")
@@ -143,5 +143,9 @@ def test_zero3_with_gptq_is_refused_up_front(demo, tmp_path):
     gptq = make_gptq_checkpoint(demo["model"], str(tmp_path / "gptq"))
     ns = parse_namespace(["--model_name_or_path", gptq, "--data_path", demo["train"], "--q_lora", "--deepspeed",
                           os.path.join(REPO, "ds_configs", "zero3.json")])
-    problems = validate_args(ns, machine=CPU)
-    assert len(problems) == 1 and "ZeRO-3 cannot shard a GPTQ Int4 base" in problems[0]
+    assert validate_args(ns, machine=CPU) == []
+    from qlaunch.config.resolve import resolve
+
+    settings = resolve(ns, CPU, env={"WORLD_SIZE": "2"})  # not prepare(): its ZeRO-3 config would outlive the test
+    assert settings.shard_gptq and not settings.rank0_load  # ZeRO-3: every rank still loads
+    assert any("ZeRO-3 with GPTQ: packed weights become frozen torch.float32 parameters" in n for n in settings.notes)

@@ -225,7 +225,7 @@ def test_fsdp_refusals_name_the_problem_and_the_fix(demo, tmp_path, extra, confi
     assert len(problems) == 1 and problem in problems[0], problems
 
 
-def test_fsdp_needs_processes_and_refuses_gptq(demo, tmp_path):
+def test_fsdp_needs_processes_and_shards_gptq(demo, tmp_path):
     one = resolve(ns(demo, "--q_lora", "--fsdp_config", FSDP2), A100, env={}).problems
     assert len(one) == 1 and "FSDP2 shards across processes, and this is one" in one[0]
     assert not resolve(ns(demo, "--q_lora", "--fsdp_config", FSDP2, "--dry_run", "True"), A100, env={}).problems
@@ -237,8 +237,15 @@ def test_fsdp_needs_processes_and_refuses_gptq(demo, tmp_path):
     write_json(tmp_path / "gptq", "config.json", {**config, "quantization_config": {"quant_method": "gptq", "bits": 4}})
     gptq = parse_namespace(["--model_name_or_path", str(tmp_path / "gptq"), "--data_path", demo["train"], "--q_lora",
                             "--fsdp_config", FSDP2])
-    problems = resolve(gptq, A100, env=TWO).problems
-    assert any("GPTQ Int4 base: its packed int32 weights" in p for p in problems), problems
+    settings = resolve(gptq, A100, env=TWO)
+    assert not settings.problems, settings.problems
+    # the packed weights become shardable parameters; rank 0 alone reads the checkpoint, and accelerate
+    # broadcasts its tensors after fully_shard (fsdp2.json has cpu_ram_efficient_loading), not qlaunch
+    assert settings.shard_gptq and settings.rank0_load and not settings.rank0_scatter
+    assert any("FSDP2 with GPTQ: packed weights become frozen torch.float16 parameters" in n for n in settings.notes)
+    ddp = resolve(parse_namespace(["--model_name_or_path", str(tmp_path / "gptq"), "--data_path", demo["train"],
+                                   "--q_lora"]), A100, env=TWO)
+    assert not ddp.shard_gptq and not ddp.rank0_load  # DDP replicates: the kernels keep their buffers
 
 
 def test_a_recipe_can_name_fsdp2(demo, tmp_path):

@@ -278,9 +278,16 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
         recompute = {}
     # The output layer: with an fp32 lm_head (k-bit prep) autocast keeps a 16-bit copy of its weight.
     lm_head_copy = shape.embedding_params * c if (kbit and not deepspeed and c < 4) else 0
-    zero3_gather = 2 * shape.block_weights * 2 if job.zero_stage == 3 else 0  # current + prefetched block
-    if fsdp:  # current + prefetched decoder block, gathered in their stored dtype (4-bit packed for NF4)
-        block_stored = ((block_nf4 if kbit else shape.block_weights * job.base_bytes)
+    # current + prefetched decoder block, gathered as stored: a 4-bit base's blocks stay packed (NF4 codes
+    # in their float storage, GPTQ's packed tensors viewed as floats: qlaunch.model.gptq_shard). ZeRO-3 +
+    # NF4 keeps the 16-bit block it was planned with: its published cells measure above the plan already
+    # (DeepSpeed's resident small parameters and prefetch buckets are not modelled), so this term stays.
+    block_packed = block_nf4 if kbit else (quant / max(layers, 1) if job.quant == "gptq" else None)
+    zero3_gather = 0
+    if job.zero_stage == 3:
+        zero3_gather = 2 * (block_packed if job.quant == "gptq" else shape.block_weights * 2)
+    if fsdp:
+        block_stored = ((block_packed if block_packed is not None else shape.block_weights * job.base_bytes)
                         + (lora * 4 / max(layers, 1) if job.use_lora else 0))
         zero3_gather = 2 * block_stored
 
@@ -349,13 +356,16 @@ def load_parts(shape: Shape, job: Job, quant_bytes: float, other: int, persisten
     n = max(job.world_size, 1)
     fixed = {k: v for k, v in persistent.items() if k in ("CUDA context", "process baseline (CPU)")}
     largest = max(lin.n_in * lin.n_out for lin in shape.block)
-    if job.quant in ("nf4", "fp4") and job.engine == "fsdp2" and job.cuda:
+    if job.quant and job.engine == "fsdp2" and job.cuda:
         # Built in host memory (qlaunch.model.load.device_map_for); fully_shard moves one unit at a time
-        # to the GPU (a decoder block, or the fp32 embeddings / lm_head) and keeps 1/N of it there.
+        # to the GPU (a decoder block, or the embeddings / lm_head) and keeps 1/N of it there. Non-quantized
+        # weights are fp32 after bnb's k-bit preparation, in the compute dtype for GPTQ (peft skips it).
         on_device = 0.0 if job.offload_params else 1.0
-        unit = max(quant_bytes / max(shape.layers, 1), shape.embedding_params * 4)
+        other_bytes = 4 if job.quant in ("nf4", "fp4") else job.base_bytes
+        unit = max(quant_bytes / max(shape.layers, 1), shape.embedding_params * other_bytes)
         return {**fixed, "4-bit base shards (1/N)": quant_bytes / n * on_device,
-                "non-quantized weight shards, fp32 (1/N)": other * 4 / n * on_device,
+                f"non-quantized weight shards, {'fp32' if other_bytes == 4 else '16-bit'} (1/N)":
+                    other * other_bytes / n * on_device,
                 "one unit moved whole before sharding": unit}
     if job.quant in ("nf4", "fp4"):
         parts = {**fixed, "4-bit base, whole on every rank": quant_bytes,
@@ -365,7 +375,7 @@ def load_parts(shape: Shape, job: Job, quant_bytes: float, other: int, persisten
             # and its pages stay resident (file-backed; the unquantized zero-copy tensors keep the mapping)
             parts["full-precision checkpoint, memory-mapped"] = shape.total_params * shape.checkpoint_bytes
         return parts
-    if job.quant == "gptq":
+    if job.quant == "gptq":  # ZeRO-3 too: DeepSpeed moves the whole module to the device, then partitions
         return {**fixed, "GPTQ base, whole on every rank": quant_bytes + other * job.base_bytes}
     full = shape.total_params * job.base_bytes
     if job.zero_stage == 3 or job.engine == "fsdp2":
@@ -375,10 +385,13 @@ def load_parts(shape: Shape, job: Job, quant_bytes: float, other: int, persisten
 
 def load_host_parts(shape: Shape, job: Job, quant_bytes: float, other: int) -> dict:
     """Host memory while a GPU job loads, where the base is built there (FSDP2 + 4-bit): rank 0 reads it
-    whole (4-bit, with fp32 non-quantized weights) and keeps it until every rank has its shards; the other
+    whole (4-bit, with its non-quantized weights) and keeps it until every rank has its shards; the other
     ranks hold only the quantization state of the skeleton they are sent (qlaunch.model.rank0_load)."""
-    if not (job.quant in ("nf4", "fp4") and job.engine == "fsdp2" and job.cuda):
+    if not (job.quant and job.engine == "fsdp2" and job.cuda):
         return {}
+    if job.quant == "gptq":  # pre-quantized: nothing is quantized at load, and every packed tensor is a
+        # parameter by the time the skeleton is taken (qlaunch.model.gptq_shard): the skeleton is ~empty
+        return {"rank 0: 4-bit base, whole": quant_bytes, "rank 0: non-quantized weights, 16-bit": other * job.base_bytes}
     largest = max(lin.n_in * lin.n_out for lin in shape.block)
     state = max(quant_bytes - shape.quantizable / 2, 0.0)
     return {"rank 0: 4-bit base, whole": quant_bytes, "rank 0: non-quantized weights, fp32": other * 4,

@@ -53,7 +53,7 @@ def candidate_changes(args, world_size: int = 1, quant_method: str | None = None
         changes.append(("--attn_implementation sdpa", {"attn_implementation": "sdpa"}))
     if not args.q_lora:
         changes.append(("--q_lora (NF4 base)", {"q_lora": True, "use_lora": True, "quantization": "nf4"}))
-    if world_size > 1 and quant_method != "gptq":
+    if world_size > 1:
         from qlaunch.config.engine import engine_of
 
         current = engine_of(getattr(args, "deepspeed", None), getattr(args, "fsdp_config", None))
@@ -149,7 +149,7 @@ def fit_verdict(plan: dict, options: list[tuple[str, float]] | None = None) -> d
                 "text": f"fits on {where} with {memory - peak:.1f} GB to spare ({peak:.1f} of {memory:.1f} GB)"}
     fitting = [(text, gb) for text, gb in (options or []) if gb <= memory]
     text = f"does not fit: {peak:.1f} GB > {memory:.1f} GB"
-    load_limited = plan["memory_gb"]["peak_phase"] == "load" and plan["quantization"] in ("nf4", "fp4")
+    load_limited = plan["memory_gb"]["peak_phase"] == "load" and plan["quantization"] in ("nf4", "fp4", "gptq")
     if load_limited:
         text += (f"; loading is the limit: the 4-bit base is placed whole on every GPU "
                  f"({plan['memory_gb']['load_peak']:.1f} GB) before the engine shards it")

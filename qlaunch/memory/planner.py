@@ -208,7 +208,7 @@ def format_plan(plan: dict) -> str:
         rank0 = sum(v for k, v in host.items() if k.startswith("rank 0"))
         others = sum(v for k, v in host.items() if not k.startswith("rank 0"))
         lines.append(f"  {'host memory while loading, rank 0':42} {rank0:8.2f} GB (the 4-bit base is built there)")
-        lines.append(f"  {'host memory while loading, other ranks':42} {others:8.2f} GB (quantization state only)")
+        lines.append(f"  {'host memory while loading, other ranks':42} {others:8.2f} GB (the skeleton rank 0 sends)")
     lines.append(f"  {'peak per device':42} {gb['per_device_peak']:8.2f} GB"
                  + (" (loading)" if gb["peak_phase"] == "load" else ""))
     if plan.get("fit"):

@@ -111,6 +111,14 @@ def test_gptq_fsdp2_two_processes_shard_the_packed_weights_and_equal_one(gptq_fs
     assert_equal_to_one_process(gptq_fsdp, gptq_single)
 
 
+def test_an_adapter_trained_sharded_merges_into_the_dequantized_gptq_weights(gptq_fsdp, tmp_path):
+    from test_workflow import merge_report, python_m
+
+    python_m("qlaunch.merge", "--adapter", gptq_fsdp.out, "--out", tmp_path / "merged")  # exit 0: the proof held
+    report = merge_report(tmp_path / "merged")
+    assert report["within_tolerance"], report
+
+
 def test_gptq_zero3_two_processes_shard_the_packed_weights_and_equal_one(gptq_zero3, gptq_single, gptq_demo):
     info = gptq_zero3.run_info()
     assert info["world_size"] == 2 and info["engine"] == "ZeRO-3" and info["quant_method"] == "gptq", info

@@ -337,7 +337,7 @@ def test_the_verdict_follows_the_load_phase_of_a_4bit_base(tmp_path):
     assert "host memory while loading, other ranks" in format_plan(plans["fsdp2"])
 
 
-def test_engine_changes_are_fit_options_only_with_several_gpus_and_never_for_gptq():
+def test_engine_changes_are_fit_options_only_with_several_gpus():
     from types import SimpleNamespace
 
     from qlaunch.memory.fit import candidate_changes
@@ -349,7 +349,8 @@ def test_engine_changes_are_fit_options_only_with_several_gpus_and_never_for_gpt
     assert texts(1, "nf4") == []
     assert texts(2, "nf4") == ["--deepspeed ds_configs/zero3.json", "--fsdp_config fsdp_configs/fsdp2.json",
                                "--fsdp_config fsdp_configs/fsdp2_offload.json"]
-    assert texts(8, "gptq") == []
+    assert texts(8, "gptq") == texts(2, "nf4")  # GPTQ shards too (qlaunch.model.gptq_shard)
+    assert texts(1, "gptq") == []
     args.fsdp_config = {"version": 2}  # already FSDP2: not proposed again
     assert "--fsdp_config fsdp_configs/fsdp2.json" not in texts(2, "nf4")
 
@@ -382,3 +383,42 @@ def test_a_cpu_4bit_load_counts_the_mapped_checkpoint(demo):
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(demo["model"]).parameters())
     assert math.isclose(cpu["full-precision checkpoint, memory-mapped"] * GiB, params * stored, rel_tol=1e-9)
     assert "full-precision checkpoint, memory-mapped" not in gpu
+
+
+def test_a_gptq_base_shards_under_zero3_and_fsdp2(tmp_path):
+    """Qwen-72B-Chat-Int4 Q-LoRA at 2048 tokens (its recipe): one GPU needs ~61 GB (Qwen's A100-80GB cells are
+    the N = 1 check, tests/unit/memory/test_plan_validation.py). Under ZeRO-3 and FSDP2 every rank holds 1/N
+    of the packed weights (qlaunch.model.gptq_shard). ZeRO-3 still loads the whole base on each GPU
+    (DeepSpeed moves the module to the device before partitioning): it fits 4x A100-40GB at load, not
+    8x RTX 4090, where the verdict proposes FSDP2, which builds the base in rank 0's host memory."""
+    from qlaunch.memory.fit import options_that_fit
+
+    model = config_dir("Qwen/Qwen-72B-Chat-Int4", str(tmp_path))
+    recipe = ["--config", os.path.join(REPO, "recipes", "qwen-72b-chat-int4-qlora.yaml"), "--model_name_or_path", model]
+    engines = {"ddp": [], "zero3": ["--deepspeed", os.path.join(REPO, "ds_configs", "zero3.json")],
+               "fsdp2": ["--fsdp_config", os.path.join(REPO, "fsdp_configs", "fsdp2.json")]}
+    plans = {}
+    for gpu, n in (("A100-40GB", 4), ("RTX-4090", 8)):
+        for name, engine in engines.items():
+            ns, settings, target, stats, _ = prepare_plan([*recipe, "--gpu", gpu, "--num_gpus", str(n), *engine])
+            plans[gpu, name] = planned(ns, settings, target, stats, options_that_fit)
+            gb = plans[gpu, name]["memory_gb"]
+            print(f"{gpu} x{n} {name}: load {gb['load_peak']:.1f} GB, training {gb['training_peak']:.1f} GB, "
+                  f"fits {plans[gpu, name]['fit']['fits']}")
+    for gpu, n in (("A100-40GB", 4), ("RTX-4090", 8)):
+        ddp = plans[gpu, "ddp"]["memory_gb"]
+        assert plans[gpu, "ddp"]["fit"]["fits"] is False and ddp["training_peak"] > 55  # the whole base per GPU
+        for name in ("zero3", "fsdp2"):
+            gb = plans[gpu, name]["memory_gb"]
+            assert gb["persistent"]["base weights"] * n == pytest.approx(ddp["persistent"]["base weights"])
+            assert gb["training_peak"] < 24
+        fs = plans[gpu, "fsdp2"]["memory_gb"]
+        assert plans[gpu, "fsdp2"]["fit"]["fits"] is True
+        assert fs["load"]["4-bit base shards (1/N)"] * n == pytest.approx(
+            plans[gpu, "zero3"]["memory_gb"]["load"]["GPTQ base, whole on every rank"], rel=0.15)
+        assert set(fs["load_host"]) == {"rank 0: 4-bit base, whole", "rank 0: non-quantized weights, 16-bit"}
+    assert plans["A100-40GB", "zero3"]["fit"]["fits"] is True
+    assert plans["RTX-4090", "zero3"]["fit"]["fits"] is False
+    assert "loading is the limit" in plans["RTX-4090", "zero3"]["fit"]["text"]
+    assert [o["change"] for o in plans["RTX-4090", "zero3"]["fit"]["options"]][:1] == \
+        ["--fsdp_config fsdp_configs/fsdp2.json"]

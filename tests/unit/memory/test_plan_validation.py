@@ -22,6 +22,9 @@ PUBLISHED_GB = {
     ("Qwen/Qwen-7B", "lora"): (20.1, 20.4, 21.5, 23.8, 29.7, 36.6),
     ("Qwen/Qwen-14B", "lora"): (34.6, 35.1, 35.3, 37.4, 42.5, 55.2),
 }
+# Qwen-72B-Chat-Int4 Q-LoRA, the same profiling setup, published at two lengths only (the N = 1 check of the
+# sharded GPTQ plans in tests/unit/test_plan.py)
+PUBLISHED_72B_INT4_GB = {256: 61.4, 8192: 75.6}
 KNOWN_MISSES = {("Qwen/Qwen-7B-Chat-Int4", 256), ("Qwen/Qwen-7B-Chat-Int4", 512), ("Qwen/Qwen-14B-Chat-Int4", 256),
                 ("Qwen/Qwen-14B-Chat-Int4", 512), ("Qwen/Qwen-14B-Chat-Int4", 1024)}
 
@@ -32,6 +35,8 @@ def cells():
             marks = [pytest.mark.xfail(strict=True, reason="Int4 short-length cells: see module docstring")] \
                 if (model, length) in KNOWN_MISSES else []
             yield pytest.param(model, method, length, gb, marks=marks, id=f"{model.split('/')[1]}-{length}")
+    for length, gb in PUBLISHED_72B_INT4_GB.items():
+        yield pytest.param("Qwen/Qwen-72B-Chat-Int4", "qlora", length, gb, id=f"Qwen-72B-Chat-Int4-{length}")
 
 
 @pytest.mark.parametrize("model, method, length, published", cells())

@@ -1,16 +1,20 @@
 """What each rank holds under FSDP2 and ZeRO-3, measured, beside the plan's per-device numbers.
 
-    python bench/sharding.py [--quick]
+    python bench/sharding.py [--quick] [--quant nf4|gptq]
 
-A ~300M-parameter random Llama (built locally; weights dominate) trains NF4 Q-LoRA for 2 steps under
-FSDP2 and ZeRO-3 with N = 2 and 4 CPU processes (torchrun through launch/qlora_ds.sh, gloo,
+A ~300M-parameter random Llama (built locally; weights dominate) trains Q-LoRA for 2 steps under
+FSDP2 and ZeRO-3 with N = 2 and 4 CPU processes — on its NF4 quantization (bitsandbytes, at load), or
+with `--quant gptq` on our own GPTQ Int4 checkpoint of it (`python -m qlaunch.quantize`, ~3 min here),
+whose packed weights the engines shard as parameters (qlaunch/model/gptq_shard.py) (torchrun through launch/qlora_ds.sh, gloo,
 127.0.0.1). Each rank records, through the test hook tests/integration/_hooks/dump_weights: the bytes
 of parameter storage it holds after training (its shard), its peak RSS when training starts (the
 model loaded, not yet sharded) and at the end, and how many times it read the checkpoint
 (`reads`: under FSDP2 rank 0 alone reads a 4-bit base; the plan's load phase is rank 0's). Beside them: `python -m qlaunch.plan` for the same
 flags and world size (this CPU: the load phase, which here includes the memory-mapped fp32 checkpoint,
 and the per-process peak = the larger of load and training).
-`--quick`: N = 2 only. Prints a table, writes bench/results/sharding.json. Nothing else may run
+With `--quant gptq` each world size is also run in one process with the same global batch: the
+per-step losses and the adapter are compared (`loss rtol`, `adapter rtol`, relative to the largest).
+`--quick`: N = 2 only. Prints a table, writes bench/results/sharding[_gptq].json. Nothing else may run
 meanwhile (two OpenMP threads on two cores wait for each other).
 """
 from __future__ import annotations
@@ -39,11 +43,16 @@ TRAIN = ["--max_steps", "2", "--model_max_length", "256", "--per_device_train_ba
 GiB = 1024**3
 
 
-def build_model(root: str) -> tuple[str, str]:
-    """(the ~300M random Llama's directory, the demo training data)."""
+def build_model(root: str, quant: str = "nf4") -> tuple[str, str]:
+    """(the ~300M random Llama's directory — or its GPTQ Int4 checkpoint — , the demo training data)."""
     from random_llama import random_llama
 
     model, demo = random_llama(root, "random-300M", RANDOM_300M)
+    if quant == "gptq":
+        out = os.path.join(root, "random-300M-int4")
+        subprocess.run([sys.executable, "-m", "qlaunch.quantize", "--model", model, "--data", demo["train"], "--out", out,
+                        "--num_samples", "16", "--model_max_length", "128"], check=True, cwd=REPO)
+        model = out
     return model, demo["train"]
 
 
@@ -58,14 +67,34 @@ def planned(model: str, data: str, engine: str, n: int) -> dict:
     return json.loads(proc.stdout)["memory_gb"]
 
 
-def measure(model: str, data: str, engine: str, n: int, work: str) -> list[dict]:
+def train(model: str, data: str, engine: str | None, n: int, work: str):
     from launchkit import base_env, launch
 
-    out = os.path.join(work, f"{engine}-{n}")
-    run = launch("qlora_ds.sh", [*ENGINES[engine], "-m", model, "-d", data, "-o", out, "--", *TRAIN],
-                 out, env=base_env(NPROC_PER_NODE=n), timeout=3600)
+    if engine is None:  # one process, the same global batch
+        out = os.path.join(work, f"single-{n}")
+        args = ["-m", model, "-d", data, "-o", out, "--", *TRAIN, "--per_device_train_batch_size", str(n)]
+        run = launch("qlora_single_gpu.sh", args, out, timeout=3600)
+    else:
+        out = os.path.join(work, f"{engine}-{n}")
+        run = launch("qlora_ds.sh", [*ENGINES[engine], "-m", model, "-d", data, "-o", out, "--", *TRAIN],
+                     out, env=base_env(NPROC_PER_NODE=n), timeout=3600)
     if run.returncode != 0:
         raise RuntimeError(run.tail())
+    return run
+
+
+def equality(run, single) -> dict:
+    """Per-step losses and adapter of a sharded run against one process with the same global batch."""
+    import numpy as np
+
+    losses, ref = np.array(run.losses()), np.array(single.losses())
+    a, b = run.adapter(), single.adapter()
+    scale = max(float(t.abs().max()) for t in b.values())
+    return {"loss_rtol": float(np.max(np.abs(losses - ref) / np.abs(ref))),
+            "adapter_rtol": max(float((a[k] - b[k]).abs().max()) for k in b) / scale}
+
+
+def measure(run) -> list[dict]:
     import torch
 
     rows = []
@@ -81,34 +110,41 @@ def measure(model: str, data: str, engine: str, n: int, work: str) -> list[dict]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quant", choices=("nf4", "gptq"), default="nf4")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="qlaunch-sharding-")
     try:
-        model, data = build_model(work)
+        model, data = build_model(work, args.quant)
         largest_layer = 4 * max(RANDOM_300M["intermediate_size"] * RANDOM_300M["hidden_size"],
                                 RANDOM_300M["hidden_size"] ** 2)  # fp32-stored 4-bit codes: an upper bound
         results = []
         for n in ((2,) if args.quick else (2, 4)):
+            single = train(model, data, None, n, work) if args.quant == "gptq" else None
             for engine in ENGINES:
                 plan = planned(model, data, engine, n)
-                for row in measure(model, data, engine, n, work):
+                run = train(model, data, engine, n, work)
+                equal = equality(run, single) if single else {}
+                for row in measure(run):
                     share = row["local_param_bytes"] / row["full_param_bytes"] if row["full_param_bytes"] else None
                     results.append({"engine": engine, **row, "share": share,
                                     "within_1_over_n_plus_a_layer": (row["local_param_bytes"]
                                                                      <= row["full_param_bytes"] / n + largest_layer),
                                     "plan_load_gib": plan["load_peak"], "plan_training_gib": plan["training_peak"],
-                                    "plan_peak_gib": plan["per_device_peak"]})
+                                    "plan_peak_gib": plan["per_device_peak"], "quant": args.quant, **equal})
         header = (f"{'engine':7} {'N':>2} {'rank':>4} {'local/full params':>18} {'<=1/N+layer':>11} "
-                  f"{'reads':>5} {'RSS load':>9} {'plan load':>9} {'ratio':>5} {'RSS peak':>9} {'plan peak':>9} {'ratio':>5}")
+                  f"{'reads':>5} {'RSS load':>9} {'plan load':>9} {'ratio':>5} {'RSS peak':>9} {'plan peak':>9} {'ratio':>5}"
+                  + (f" {'loss rtol':>9} {'adapter rtol':>12}" if args.quant == "gptq" else ""))
         print(header)
         for r in results:
             share = f"{r['share']:.3f}" if r["share"] is not None else "n/a"
             print(f"{r['engine']:7} {r['world_size']:>2} {r['rank']:>4} {share:>18} "
                   f"{str(r['within_1_over_n_plus_a_layer']):>11} {r['from_pretrained_calls']!s:>5} {r['rss_load_gib']:>8.2f}G {r['plan_load_gib']:>8.2f}G "
                   f"{r['rss_load_gib'] / r['plan_load_gib']:>5.2f} {r['rss_peak_gib']:>8.2f}G {r['plan_peak_gib']:>8.2f}G "
-                  f"{r['rss_peak_gib'] / r['plan_peak_gib']:>5.2f}")
+                  f"{r['rss_peak_gib'] / r['plan_peak_gib']:>5.2f}"
+                  + (f" {r['loss_rtol']:>9.2g} {r['adapter_rtol']:>12.2g}" if "loss_rtol" in r else ""))
         os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-        with open(os.path.join(REPO, "bench", "results", "sharding.json"), "w") as f:
+        name = "sharding.json" if args.quant == "nf4" else f"sharding_{args.quant}.json"
+        with open(os.path.join(REPO, "bench", "results", name), "w") as f:
             json.dump(results, f, indent=2)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -307,7 +307,8 @@ def fit(config, extra_callbacks=(), signals: PreemptionSignals | None = None) ->
         from qlaunch.model.rank0_load import rank0_tensors
 
         rank0_weights = rank0_tensors(model)  # before fully_shard replaces them; scattered after it
-    preemption, guard, clock = PreemptionCallback(signals), NonFiniteLossGuard(), RunClock()
+    lead = config.settings.signal_lead if config.settings else None
+    preemption, guard, clock = PreemptionCallback(signals, lead=lead), NonFiniteLossGuard(), RunClock()
     trainer = build_trainer(config, model, tokenizer, train_dataset, eval_dataset,
                             [preemption, guard, clock, *extra_callbacks], rank0_weights=rank0_weights)
     early = preempted_before_training(signals, targs, "loading the model")
@@ -321,7 +322,10 @@ def fit(config, extra_callbacks=(), signals: PreemptionSignals | None = None) ->
         log.error(guard.message())
         return Outcome("non_finite", trainer, guard.message(), guard.bad_step)
     if preemption.stopped:
-        message = (f"Stopped by {preemption.reason()} at step {preemption.stopped_at_step}; "
+        inside = (f" (inside step {preemption.stopped_at_step + 1}, after {preemption.mid_step[0]} of its "
+                  f"{preemption.mid_step[1]} micro-steps, which were dropped: the warning's lead was shorter than "
+                  "finishing the step and saving)") if preemption.mid_step else ""
+        message = (f"Stopped by {preemption.reason()} at step {preemption.stopped_at_step}{inside}; "
                    f"checkpoint saved in {targs.output_dir}.")
         log.warning(message)
         if trainer.is_world_process_zero():  # the report so far, beside the checkpoint

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from qlaunch.config.domains import FINETUNE
+from qlaunch.config.environment import signal_lead
 from qlaunch.config.engine import (
     Engine,
     deepspeed_config_warnings,
@@ -37,7 +38,8 @@ class Settings:
     engine: Engine = field(default_factory=Engine)  # DDP, DeepSpeed ZeRO-n or FSDP2: what is sharded
     rank0_load: bool = False  # FSDP2 + 4-bit: rank 0 reads the base, the others get shards (model/rank0_load)
     rank0_scatter: bool = True  # ...and qlaunch scatters its tensors (accelerate does it for GPTQ, rank0_load)
-    shard_gptq: bool = False  # ZeRO-3 / FSDP2 + GPTQ: packed weights as shardable parameters (model/gptq_shard)
+    shard_gptq: bool = False
+    signal_lead: float | None = None  # seconds from SLURM's warning to the kill (QLAUNCH_SIGNAL_LEAD)  # ZeRO-3 / FSDP2 + GPTQ: packed weights as shardable parameters (model/gptq_shard)
     model: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -135,6 +137,13 @@ def resolve_deepspeed(ns: argparse.Namespace, settings: Settings) -> None:
     shard_4bit_storage(ns, settings, "ZeRO-3")
 
 
+def scatter_needed(quant_method: str | None, cpu_ram_efficient_loading: bool) -> bool:
+    """Whether qlaunch must scatter rank 0's tensors after fully_shard (qlaunch.model.rank0_load): accelerate
+    broadcasts them itself when cpu_ram_efficient_loading is on, except for models with bitsandbytes'
+    Params4bit (NF4/FP4), which it skips."""
+    return quant_method in ("nf4", "fp4") or not cpu_ram_efficient_loading
+
+
 def resolve_fsdp(ns: argparse.Namespace, settings: Settings, env=os.environ) -> None:
     """--fsdp_config CONFIG turns FSDP2 on by itself (fully_shard through the Trainer's accelerate
     integration); qlaunch sets what else the Trainer needs."""
@@ -162,8 +171,6 @@ def resolve_fsdp(ns: argparse.Namespace, settings: Settings, env=os.environ) -> 
                                  "optimizer state are small; set \"state_dict_type\": \"FULL_STATE_DICT\".")
     shard_4bit_storage(ns, settings, "FSDP2")
     if settings.quant_method in ("nf4", "fp4", "gptq") and world_size(env) > 1:
-        from qlaunch.model.rank0_load import scatter_needed
-
         settings.rank0_load = True
         settings.rank0_scatter = scatter_needed(
             settings.quant_method, str(config.get("cpu_ram_efficient_loading", False)).lower() == "true")
@@ -275,6 +282,8 @@ def resolve(ns: argparse.Namespace, machine: Machine, env=os.environ) -> Setting
     resolve_fsdp(ns, settings, env)
     resolve_distributed(ns, settings, machine, env)
     resolve_fp32_trainables(ns, settings)
+    settings.signal_lead, problem = signal_lead(env)
+    settings.problems += [problem] if problem else []
     if ns.warmup_ratio is not None and FINETUNE["warmup_ratio"].contains(ns.warmup_ratio):
         settings.training["warmup_steps"] = ns.warmup_ratio  # transformers 5: warmup_steps < 1 is a ratio
     if ns.include_num_input_tokens_seen in ("no", False, None):

@@ -15,7 +15,7 @@ module does the same for them, by hand because no library does:
 3. after accelerate's `fully_shard`, rank 0 broadcasts one tensor at a time and each rank keeps its
    shard (`scatter_from_rank0`), before the first forward and before a checkpoint is resumed. A GPTQ
    base has no Params4bit, so accelerate does this step itself when `cpu_ram_efficient_loading` is on
-   (`scatter_needed`).
+   (qlaunch.config.resolve.scatter_needed).
 """
 from __future__ import annotations
 
@@ -92,12 +92,6 @@ def _restore_params4bit(model: nn.Module) -> None:
                                    blocksize=state.blocksize, compress_statistics=state.nested,
                                    quant_type=state.quant_type, quant_storage=weight.dtype, module=module,
                                    bnb_quantized=True)
-
-
-def scatter_needed(quant_method: str | None, cpu_ram_efficient_loading: bool) -> bool:
-    """Whether qlaunch must scatter rank 0's tensors after fully_shard: accelerate broadcasts them itself
-    when cpu_ram_efficient_loading is on, except for models with Params4bit (NF4/FP4), which it skips."""
-    return quant_method in ("nf4", "fp4") or not cpu_ram_efficient_loading
 
 
 def rank0_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

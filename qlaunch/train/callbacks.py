@@ -4,24 +4,56 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import time
 
 from transformers import TrainerCallback
 
-from qlaunch.cluster.preemption import PreemptionSignals
+from qlaunch.cluster.preemption import PreemptionSignals, lead_too_short, stop_mid_step
 
 log = logging.getLogger("qlaunch")
 
 
 def any_rank(flag: bool, device) -> bool:
     """True on every rank when it is True on any rank (one tiny all-reduce; a no-op in one process)."""
+    return any_ranks([flag], device)[0]
+
+
+def any_ranks(flags: list[bool], device) -> list[bool]:
+    """Each flag True on every rank when it is True on any rank: one all-reduce for all of them."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([1 if flag else 0], device=device)  # nccl needs it on the rank's GPU
+        return list(flags)
+    value = torch.tensor([1 if f else 0 for f in flags], device=device)  # nccl needs it on the rank's GPU
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return [bool(v) for v in value.tolist()]
+
+
+def rng_snapshot() -> dict:
+    """The random states the Trainer saves with a checkpoint (python, numpy, torch CPU and CUDA)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def rng_restore(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class PreemptionCallback(TrainerCallback):
@@ -32,12 +64,27 @@ class PreemptionCallback(TrainerCallback):
     a rank that stopped alone would wait in the save while the others wait in the next step's
     all-reduce, until the collective timeout. So ranks agree at every step end: all stop at the
     first step end where any rank has been signalled.
+
+    When the warning's lead (QLAUNCH_SIGNAL_LEAD) is shorter than a measured optimizer step plus a
+    save — a 70B recipe accumulating 16 micro-batches takes minutes per step — waiting for the step
+    end would get the save killed half-written. Then the ranks also agree at every micro-step, and stop
+    at the first one where finishing the step and saving would not fit in the time left: the step's
+    partial accumulation is dropped, and the random state is put back to the step's start, so the
+    checkpoint of the last finished step resumes exactly as if the run had stopped there.
     """
 
-    def __init__(self, signals: PreemptionSignals | None = None):
+    def __init__(self, signals: PreemptionSignals | None = None, lead: float | None = None):
         # the record started by finetune.py (SIGUSR1 from its first line); SIGTERM joins it from here on
         self.signals = (signals or PreemptionSignals()).listen((signal.SIGUSR1, signal.SIGTERM))
+        self.lead = lead
         self.stopped_at_step: int | None = None
+        self.mid_step: tuple[int, int] | None = None  # (micro-steps done, of) when stopped inside a step
+        self.step_seconds = self.micro_seconds = self.save_seconds = 0.0
+        self.micro_checks = False  # agreed by every rank: the lead is shorter than a step + a save
+        self._warned = False
+        self._step_start = self._mark = self._step_end = 0.0
+        self._micro_done = 0
+        self._rng = None
 
     @property
     def received(self) -> str | None:
@@ -51,11 +98,49 @@ class PreemptionCallback(TrainerCallback):
     def reason(self) -> str:
         return self.received or "a signal to another rank"
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = self._mark = time.monotonic()
+        self._micro_done = 0
+        if self.lead is not None and args.gradient_accumulation_steps > 1:
+            self._rng = rng_snapshot()  # the state a checkpoint of the previous step would have saved
+        return control
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        now = time.monotonic()
+        self.micro_seconds = max(self.micro_seconds, now - self._mark)
+        self._mark = now
+        self._micro_done += 1
+        if not self.micro_checks or self.stopped:
+            return control
+        stop = self.received is not None and stop_mid_step(
+            self.lead - (now - self.signals.received_at), args.gradient_accumulation_steps - self._micro_done,
+            self.micro_seconds, self.save_seconds)
+        if any_rank(stop, args.device):
+            rng_restore(self._rng)
+            self.stopped_at_step = state.global_step
+            self.mid_step = (self._micro_done, args.gradient_accumulation_steps)
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stopped_at_step is None and any_rank(self.received is not None, args.device):
+        self._step_end = now = time.monotonic()
+        self.step_seconds = max(self.step_seconds, now - self._step_start)
+        long_steps = self.lead is not None and lead_too_short(self.lead, self.step_seconds, self.save_seconds)
+        signalled, long_steps = any_ranks([self.received is not None, bool(long_steps)], args.device)
+        if long_steps and not self.micro_checks:
+            self.micro_checks = True
+            if state.is_world_process_zero and not self._warned:
+                self._warned = True
+                log.warning(lead_too_short(self.lead, self.step_seconds, self.save_seconds))
+        if self.stopped_at_step is None and signalled:
             self.stopped_at_step = state.global_step
             control.should_save = True
             control.should_training_stop = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self.save_seconds = max(self.save_seconds, time.monotonic() - self._step_end)
         return control
 
 

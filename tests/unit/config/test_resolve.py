@@ -246,6 +246,11 @@ def test_fsdp_needs_processes_and_shards_gptq(demo, tmp_path):
     ddp = resolve(parse_namespace(["--model_name_or_path", str(tmp_path / "gptq"), "--data_path", demo["train"],
                                    "--q_lora"]), A100, env=TWO)
     assert not ddp.shard_gptq and not ddp.rank0_load  # DDP replicates: the kernels keep their buffers
+    # accelerate skips its own broadcast for Params4bit (NF4/FP4) and when cpu_ram_efficient_loading is off
+    from qlaunch.config.resolve import scatter_needed
+
+    assert [scatter_needed(q, True) for q in ("nf4", "fp4", "gptq")] == [True, True, False]
+    assert scatter_needed("gptq", False)
 
 
 def test_a_recipe_can_name_fsdp2(demo, tmp_path):

@@ -70,3 +70,58 @@ def test_one_process_resolves_and_checks_the_resume_checkpoint_itself(tmp_path):
     assert agreed_resume("auto", str(tmp_path)) is None  # nothing to resume from: a fresh start
     with pytest.raises(UsageError, match="rank 0 cannot see"):
         agreed_resume(str(tmp_path / "missing"), str(tmp_path))
+
+
+class SignalInsideStep(TrainerCallback):
+    """SIGUSR1 after the first micro-step of the step that follows global step `step`."""
+
+    def __init__(self, step):
+        self.step, self.micro = step, 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.micro = 0
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.micro += 1
+        if state.global_step == self.step and self.micro == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_a_lead_shorter_than_a_step_stops_inside_it_and_resumes_as_if_stopped_at_its_start(demo, tmp_path,
+                                                                                            monkeypatch):
+    """QLAUNCH_SIGNAL_LEAD=0: no step and save fit in the warning's lead, so the run stops at the first
+    micro-step after the signal, drops the partial accumulation and puts the random state back to the step's
+    start: resumed, it ends bit-identical to an uninterrupted run — with dropout, which draws from that state."""
+    monkeypatch.setenv("QLAUNCH_SIGNAL_LEAD", "0")
+    accumulating = ("--max_steps", "5", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4",
+                    "--lora_dropout", "0.3")
+    straight = fit(prepare(args(demo, tmp_path / "straight", *accumulating))).trainer
+    assert straight.state.global_step == 5
+
+    out = tmp_path / "preempted"
+    first = fit(prepare(args(demo, out, *accumulating)), extra_callbacks=[SignalInsideStep(2)])
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    assert first.status == "preempted" and first.step == 2 and first.trainer.state.global_step == 2
+    assert "inside step 3, after 2 of its 4 micro-steps, which were dropped" in first.message
+    assert (out / "checkpoint-2").is_dir() and not (out / "adapter_model.safetensors").exists()
+
+    resumed = fit(prepare(args(demo, out, *accumulating, "--resume_from_checkpoint", "auto"))).trainer
+    assert resumed.state.global_step == 5
+    a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_preemption_lead_decisions():
+    from qlaunch.cluster.preemption import lead_too_short, stop_mid_step
+    from qlaunch.config.environment import signal_lead
+
+    assert signal_lead({}) == (None, None) and signal_lead({"QLAUNCH_SIGNAL_LEAD": "120"}) == (120.0, None)
+    for bad in ("soon", "nan", "-5", "inf"):
+        lead, problem = signal_lead({"QLAUNCH_SIGNAL_LEAD": bad})
+        assert lead is None and problem.startswith(f"QLAUNCH_SIGNAL_LEAD={bad!r}: ")
+    assert lead_too_short(120, 60, 30) is None  # a 60 s step and a 30 s save fit in 120 s
+    warning = lead_too_short(120, 300, 40)  # the 70B recipe on one GPU: minutes per step
+    assert "one optimizer step takes 300 s and a checkpoint save 40 s" in warning and "USR1@510" in warning
+    # 90 s left: 3 micro-steps of 20 s + a 40 s save do not fit, 2 do
+    assert stop_mid_step(90, 3, 20, 40) and not stop_mid_step(90, 2, 20, 40)

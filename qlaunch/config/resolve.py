@@ -257,8 +257,10 @@ def resolve_packing(ns: argparse.Namespace, path: str | None, settings: Settings
                                  "--packing (dynamic padding) or use --group_by_length.")
 
 
-def resolve(ns: argparse.Namespace, machine: Machine, env=os.environ) -> Settings:
-    """Every setting qlaunch derives, with the problems found on the way. Does not change `ns`."""
+def resolve(ns: argparse.Namespace, machine: Machine, env=None) -> Settings:
+    """Every setting qlaunch derives, with the problems found on the way. Does not change `ns`.
+    env: the environment (os.environ as it is at the call, not at import)."""
+    env = os.environ if env is None else env
     settings = Settings()
     if ns.q_lora and not ns.use_lora:
         settings.lora["use_lora"] = True  # Q-LoRA is LoRA on a quantized base

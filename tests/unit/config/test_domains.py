@@ -132,3 +132,23 @@ def test_every_command_refuses_numbers_outside_their_domain_in_one_line(command,
     assert exit_info.value.code == 2 and len(lines) == 1, err
     assert lines[0].startswith(f"qlaunch.{command}: error: ") and f"--{flag}" in lines[0], err
     assert not out.exists() and not loads
+
+
+@pytest.mark.parametrize("text", ["soon", "nan", "-1", "inf", "1e400"])
+def test_a_signal_lead_outside_its_domain_is_refused_before_loading(text, demo, tmp_path, capsys, monkeypatch):
+    """The environment values qlaunch reads (qlaunch/config/environment.py) get the flags' treatment."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    from qlaunch.cli import main
+
+    monkeypatch.setenv("QLAUNCH_SIGNAL_LEAD", text)  # the real environment: some readers bound it at import
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # main() may set rank variables
+    loads = []
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--output_dir", str(out),
+              "--use_lora", "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and err.count("finetune.py: error:") == 1, err[-2000:]
+    assert f"QLAUNCH_SIGNAL_LEAD={text!r}" in err and not out.exists() and not loads

@@ -39,6 +39,39 @@ def use_srun_task_env() -> dict:
     return added
 
 
+def use_mpi_env() -> dict:
+    """Started by mpirun / mpiexec, one process per GPU: the rank variables torchrun would have set, from
+    the MPI launcher's, and the rendezvous address agreed over MPI (returned). UsageError for a partial or
+    impossible MPI environment."""
+    from qlaunch.cluster.mpi import agree_on_rank0, cpu_threads, given_endpoint, mpi_rank_env
+
+    added, problem = mpi_rank_env(os.environ)
+    if problem:
+        raise UsageError(problem)
+    if not added:
+        return {}
+    endpoint = given_endpoint(os.environ)
+    if endpoint is None and int(added["WORLD_SIZE"]) > 1:
+        try:
+            from qlaunch.cluster.rendezvous import free_port
+
+            endpoint = agree_on_rank0(added, free_port)
+        except ImportError:
+            raise UsageError("started by mpirun without mpi4py, which agrees on rank 0's address: "
+                             "pip install 'qlaunch[mpi]', or pass -x MASTER_ADDR=<rank 0's address> "
+                             "-x MASTER_PORT=<a free port> to mpirun.") from None
+    if endpoint is not None:
+        added.update(MASTER_ADDR=endpoint[0], MASTER_PORT=str(endpoint[1]))
+    os.environ.update(added)
+    threads = cpu_threads(os.environ, int(added["LOCAL_WORLD_SIZE"]), os.cpu_count() or 1)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    return added
+
+
 def use_single_process_env() -> None:
     """DeepSpeed without a launcher: give this process the rank variables a launcher would."""
     from qlaunch.cluster.rendezvous import free_port, single_process_env
@@ -367,9 +400,16 @@ def main(argv=None, extra_callbacks=()) -> None:
     from qlaunch.memory import fit as memory_fit
 
     from_srun = use_srun_task_env()  # before anything reads the rank or the world size
+    try:
+        from_mpi = use_mpi_env()
+    except UsageError as e:
+        print(e.render(), file=sys.stderr)
+        sys.exit(2)
     setup_logging()
     if from_srun:
         log.info("srun task without a launcher: %s", " ".join(f"{k}={v}" for k, v in from_srun.items()))
+    if from_mpi:
+        log.info("MPI process without a launcher: %s", " ".join(f"{k}={v}" for k, v in from_mpi.items()))
     config = None
     local_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0
     try:

@@ -2,7 +2,7 @@
 
 finetune.py takes its rank, world size and local rank from the MPI launcher's variables and agrees on
 rank 0's address and port over MPI (mpi4py); the run must equal torchrun's DDP run with the same
-arguments — plain DDP and DeepSpeed ZeRO-2 alike (qlaunch/cluster/mpi.py, issue 22).
+arguments — plain DDP, DeepSpeed ZeRO-2 and FSDP2 alike (qlaunch/cluster/mpi.py, issue 22).
 """
 from __future__ import annotations
 
@@ -59,15 +59,18 @@ def test_plain_mpirun_equals_torchrun(mpi, launch_demo, runs_dir, ddp_run):
     assert run.losses() == pytest.approx(ddp_run.losses(), rel=1e-5)
 
 
-def test_mpirun_with_deepspeed_zero2_equals_torchrun(mpi, launch_demo, runs_dir, ddp_run, deepspeed_ops):
-    work = runs_dir / "mpi_zero2"
+@pytest.mark.parametrize("engine", ["zero2", "fsdp2"])
+def test_mpirun_with_a_sharding_engine_equals_torchrun(mpi, launch_demo, runs_dir, ddp_run, deepspeed_ops, engine):
+    work = runs_dir / f"mpi_{engine}"
     work.mkdir()
-    run, log = mpirun(work, launch_demo, "--deepspeed", str(REPO / "ds_configs" / "zero2.json"))
-    assert run.run_info()["world_size"] == 2 and run.run_info()["deepspeed"] is True
+    flags = (["--deepspeed", str(REPO / "ds_configs" / "zero2.json")] if engine == "zero2"
+             else ["--fsdp_config", str(REPO / "fsdp_configs" / "fsdp2.json")])
+    run, log = mpirun(work, launch_demo, *flags)
+    info = run.run_info()
+    assert info["world_size"] == 2 and info["engine"] == {"zero2": "ZeRO-2", "fsdp2": "FSDP2"}[engine], info
     # torch's variables were set before DeepSpeed looked: it skips its own MPI discovery (hostname -I)
     assert "MPI process without a launcher: RANK=0 WORLD_SIZE=2" in log, log[-3000:]
     assert_ranks_identical(run, 2)
     diff = max_abs_diff(run.adapter(), ddp_run.adapter())
-    print(f"mpirun 2 processes ZeRO-2 vs torchrun DDP: max |adapter diff| = {diff:.3g}")
-    assert diff <= 1e-4  # ZeRO-2 reduces in its own buckets (the DeepSpeed tests' bound)
-
+    print(f"mpirun 2 processes {engine} vs torchrun DDP: max |adapter diff| = {diff:.3g}")
+    assert diff <= 1e-4  # ZeRO-2 and FSDP2 reduce in their own buckets (the engines' tests' bound)

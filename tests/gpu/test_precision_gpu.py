@@ -2,7 +2,8 @@
 
 - item 6: the labelled-logits path equals the full-logits path under bf16 autocast for every allowed type;
 - item 1: a bf16 run keeps trainables fp32, so an update below bf16's resolution survives;
-- item 7: a real bf16 training run passes its final read-back (probe logits within tolerance, tensors exact).
+- item 7: a real bf16 training run passes its final read-back (probe logits within tolerance, tensors exact);
+- item 2: a preemption stop inside a step resumes like the uninterrupted run (the GPU's random state too).
 """
 from __future__ import annotations
 
@@ -70,3 +71,28 @@ def test_a_bf16_run_passes_its_read_back_on_the_gpu(demo, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "does not match the trained model" not in proc.stderr
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_a_stop_inside_a_step_resumes_like_the_uninterrupted_run_on_the_gpu(demo, tmp_path, monkeypatch):
+    """Item 2 on a CUDA device: the random state put back at a micro-step stop includes the GPU's, which
+    draws the dropout masks (a stop without it would differ by far more than the tolerance)."""
+    import signal
+
+    from safetensors.torch import load_file
+    from test_resume import SignalInsideStep, args
+
+    from qlaunch.cli import fit, prepare
+
+    monkeypatch.setenv("QLAUNCH_SIGNAL_LEAD", "0")
+    accumulating = ("--max_steps", "5", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4",
+                    "--lora_dropout", "0.3", "--fp16", "False", "--bf16", "False", "--precision", "fp32")
+    fit(prepare(args(demo, tmp_path / "straight", *accumulating)))
+    out = tmp_path / "preempted"
+    first = fit(prepare(args(demo, out, *accumulating)), extra_callbacks=[SignalInsideStep(2)])
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    assert first.status == "preempted" and first.step == 2 and "inside step 3" in first.message
+    fit(prepare(args(demo, out, *accumulating, "--resume_from_checkpoint", "auto")))
+    a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter_model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -48,10 +48,11 @@ def test_precision_flag_contradicting_amp_flag():
     assert r.problems == [P.CONFLICT.format(precision="bf16", flag="fp16")]
 
 
-def test_gptq_bf16_is_an_error_with_the_fix():
+def test_gptq_bf16_on_a_gpu_that_has_it_and_fp32_is_an_error_with_the_fix():
     r = resolve_precision("gptq", fp16=False, bf16=True, machine=A100)
-    assert r.problems == [P.GPTQ_BF16]
-    assert "pass --fp16 True instead of --bf16 True" in r.problems[0]
+    assert (r.compute_dtype, r.fp16, r.bf16, r.problems) == (torch.bfloat16, False, True, [])
+    assert P.GPTQ_BF16_NOTE in r.notes
+    assert resolve_precision("gptq", False, True, machine=V100).problems == [P.NO_GPU_BF16]  # no bf16 on Volta
     assert resolve_precision("gptq", False, False, machine=A100, precision="fp32").problems == [P.GPTQ_FP32]
 
 

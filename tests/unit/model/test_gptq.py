@@ -181,3 +181,35 @@ def test_the_log_names_each_layer_s_kernel_where_nothing_is_pinned(gptq_model):
     parts = sorted([(cpu_kernel, 1), ("TritonV2Linear", 2)])
     assert kernel_summary(gpu_like) == ", ".join(f"{count} {name}" for name, count in parts)
     assert kernel_summary(torch.nn.Linear(2, 2)) == "no quantized layers"
+
+
+def test_bf16_compute_trains_like_fp16_through_gptqmodel_s_kernel(gptq_model):
+    """--bf16 with a GPTQ base (allowed on GPUs with bf16): the trainable kernel dequantizes with its fp16
+    scales and computes in the input's dtype. On CPU, the loss and LoRA gradients of a bf16 model agree with
+    the fp16 and fp32 ones within bf16's precision."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlaunch.model.gptq import gptq_training_config, pin_training_kernels
+
+    ids = torch.randint(4, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(gptq_model, quantization_config=gptq_training_config(),
+                                                     device_map={"": "cpu"}, dtype=dtype)
+        pin_training_kernels(model)
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=list(PROJECTIONS), init_lora_weights="gaussian",
+                                                 lora_dropout=0.0))
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grad = torch.cat([p.grad.float().flatten() for n, p in model.named_parameters() if p.requires_grad])
+        results[dtype] = (loss.item(), grad)
+    loss32, grad32 = results[torch.float32]
+    for dtype, (loss, grad) in results.items():
+        print(f"{dtype}: loss {loss:.6f} (fp32 {loss32:.6f}), gradient cosine "
+              f"{torch.nn.functional.cosine_similarity(grad, grad32, dim=0):.5f}")
+        assert abs(loss - loss32) / loss32 < 1e-3
+        assert torch.nn.functional.cosine_similarity(grad, grad32, dim=0) > 0.99
+    assert abs(results[torch.bfloat16][0] - results[torch.float16][0]) / results[torch.float16][0] < 1e-3

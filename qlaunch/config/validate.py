@@ -7,6 +7,7 @@ adds the problems found while deriving, so one call reports everything.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from qlaunch.config.choices import CHOICES
@@ -178,6 +179,32 @@ def _check_model_dir(ns: argparse.Namespace, problems: list[str]) -> None:
     elif not ns.dry_run and not any(n.endswith(WEIGHT_FILES) for n in names):
         problems.append(f"--model_name_or_path {path!r}: no weights (*.safetensors / *.bin) beside config.json; "
                         "download the full checkpoint.")
+    else:
+        problems += _weights_problems(ns, path)
+
+
+def _weights_problems(ns: argparse.Namespace, path: str) -> list[str]:
+    """The weight files' headers, and the modules the LoRA flags name, checked against the tensors the
+    checkpoint holds (qlaunch.config.weights) — before anything loads."""
+    from qlaunch.config.weights import checkpoint_tensor_names, unmatched_modules
+
+    names, problems = checkpoint_tensor_names(path)
+    problems = [f"--model_name_or_path {path!r}: {p}" for p in problems]
+    if names is None:
+        return problems
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        tied = bool(config.get("tie_word_embeddings", True)) if isinstance(config, dict) else False
+    except (OSError, ValueError):
+        tied = False  # config.json problems are reported where it is read
+    for flag in ("lora_target_modules", "lora_modules_to_save"):
+        missing = unmatched_modules(getattr(ns, flag, None), names, tied_lm_head=tied)
+        if missing:
+            problems.append(f"--{flag} {' '.join(missing)}: no module of that name in {path!r} (its modules end in "
+                            f"e.g. {', '.join(sorted({n.rsplit('.', 2)[-2] for n in names if n.count('.') >= 2})[:8])}); "
+                            "use the model's own module names.")
+    return problems
 
 
 def check_arguments(ns: argparse.Namespace) -> list[str]:

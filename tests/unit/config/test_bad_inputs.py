@@ -69,6 +69,25 @@ def remote_code_model(tmp_path, demo):
     return [*model, "--trust_remote_code", "True", "--packing", "True"]
 
 
+def damaged_weights(tmp_path, demo, how):
+    """A copy of the demo model whose weights are truncated, padded, garbage, or sharded with a shard gone."""
+    model = model_copy(tmp_path, demo, ".none")
+    weights = os.path.join(model[1], "model.safetensors")
+    if how == "truncated":
+        os.truncate(weights, os.path.getsize(weights) - 100)
+    elif how == "padded":
+        with open(weights, "ab") as f:
+            f.write(b"\0" * 8)
+    elif how == "garbage":
+        with open(weights, "wb") as f:
+            f.write(b"<html>404</html>")  # what a failed download leaves
+    elif how == "missing shard":
+        with open(os.path.join(model[1], "model.safetensors.index.json"), "w") as f:
+            json.dump({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors",
+                                      "model.norm.weight": "model.safetensors"}}, f)
+    return model
+
+
 def flags(*argv):
     return lambda tmp_path, demo: list(argv)
 
@@ -163,6 +182,15 @@ CASES = [
     ("output dir links to the model", lambda t, d: output_into_model(t, d, "link"), "is --model_name_or_path"),
     ("output dir holds the data", output_around_data, "contains --data_path"),
     ("data is a FIFO", fifo_data, "is not a regular file (a FIFO, socket or device)"),
+    # ---- the checkpoint's weights and the modules the LoRA flags name, read from the safetensors headers
+    ("truncated weights", lambda t, d: damaged_weights(t, d, "truncated"), "model.safetensors: truncated: "),
+    ("padded weights", lambda t, d: damaged_weights(t, d, "padded"), "longer than its header describes"),
+    ("garbage weights", lambda t, d: damaged_weights(t, d, "garbage"), "its header claims"),
+    ("missing shard", lambda t, d: damaged_weights(t, d, "missing shard"),
+     "1 weight file(s) named by model.safetensors.index.json are missing (model-00002-of-00002.safetensors)"),
+    ("unknown LoRA target", flags("--lora_target_modules", "q_proj", "c_attn"),
+     "--lora_target_modules c_attn: no module of that name"),
+    ("unknown module to save", flags("--lora_modules_to_save", "wte"), "--lora_modules_to_save wte: no module"),
 ]
 
 

@@ -60,13 +60,20 @@ def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, ca
     return trainer
 
 
+RESTART_COUNTS = {"TORCHELASTIC_RESTART_COUNT": "Elastic restart", "SLURM_RESTART_COUNT": "SLURM requeue"}
+
+
 def resume_request(resume_from_checkpoint, env) -> str | None:
-    """--resume_from_checkpoint, or `auto` when torchrun restarted the workers (MAX_RESTARTS):
-    an elastic restart continues from the newest checkpoint, as a SLURM requeue does."""
-    if resume_from_checkpoint in (None, "", False) and int(env.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0:
-        log.info("Elastic restart %s: resuming from the newest checkpoint (--resume_from_checkpoint auto).",
-                 env["TORCHELASTIC_RESTART_COUNT"])
-        return "auto"
+    """--resume_from_checkpoint, or `auto` when this run is a restart: torchrun restarted the workers
+    (MAX_RESTARTS), or SLURM requeued the job (after a preemption checkpoint). The SLURM launcher passes
+    `auto` itself; a plain `srun python finetune.py` batch script, one task per GPU, gets it here."""
+    if resume_from_checkpoint not in (None, "", False):
+        return resume_from_checkpoint
+    for name, what in RESTART_COUNTS.items():
+        count = env.get(name) or "0"
+        if count.isdigit() and int(count) > 0:
+            log.info("%s %s: resuming from the newest checkpoint (--resume_from_checkpoint auto).", what, count)
+            return "auto"
     return resume_from_checkpoint
 
 

@@ -158,6 +158,10 @@ def test_elastic_restart_resumes_like_a_requeue():
     assert resume_request(None, {"TORCHELASTIC_RESTART_COUNT": "1"}) == "auto"
     assert resume_request(None, {"TORCHELASTIC_RESTART_COUNT": "0"}) is None
     assert resume_request(None, {}) is None
+    # a requeued SLURM job (plain srun tasks have no launcher to add the flag) resumes too
+    assert resume_request(None, {"SLURM_RESTART_COUNT": "1"}) == "auto"
+    assert resume_request(None, {"SLURM_RESTART_COUNT": "0"}) is None
+    assert resume_request(None, {"SLURM_RESTART_COUNT": "x"}) is None
     assert resume_request("ckpt/checkpoint-5", {"TORCHELASTIC_RESTART_COUNT": "2"}) == "ckpt/checkpoint-5"
 
 

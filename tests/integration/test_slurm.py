@@ -102,6 +102,33 @@ def test_sbatch_help_and_bad_flag_outside_slurm():
         assert r.returncode == 2 and "not inside a SLURM job" in r.stderr
 
 
+def signal_and_release(slurm, job: str, log_path, steps: int) -> None:
+    """Once training runs, SIGUSR1 to the job's steps (what --signal=USR1@N sends before the time limit); when
+    the job is requeued, release it at once (Slurm holds a requeued job back for ~2 min)."""
+    progress = re.compile(rf"\b(\d+)/{steps} \[")
+    deadline = time.monotonic() + 300
+    text = ""
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        done = [int(m) for m in progress.findall(text)]
+        if done and max(done) >= 5:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"training did not start\n{text[-4000:]}")
+    r = slurm.run("scancel", "--signal=USR1", job, check=False)
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        r = slurm.run("scontrol", "show", "job", "-o", job, check=False)
+        if "JobState=PENDING" in r.stdout and "Restarts=1" in r.stdout:
+            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+            break
+        if "JobState=COMPLETED" in r.stdout or "JobState=FAILED" in r.stdout:
+            break
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, launch_demo, runs_dir):
     """SIGUSR1 to the job's steps (what --signal=USR1@120 sends before the time limit, here via
@@ -118,28 +145,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, launch_demo, 
                   "--per_device_train_batch_size", "1", "--logging_steps", "10"],
                  work, dump, NPROC_PER_NODE=2)
     log_path = work / f"slurm-{job}.out"
-    progress = re.compile(rf"\b(\d+)/{steps} \[")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        text = log_path.read_text(errors="replace") if log_path.exists() else ""
-        done = [int(m) for m in progress.findall(text)]
-        if done and max(done) >= 5:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"training did not start\n{text[-4000:]}")
-    r = slurm.run("scancel", "--signal=USR1", job, check=False)
-    assert r.returncode == 0, r.stderr
-    # Slurm holds a requeued job back (BeginTime ~2 min later); release it as soon as it is pending.
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        r = slurm.run("scontrol", "show", "job", "-o", job, check=False)
-        if "JobState=PENDING" in r.stdout and "Restarts=1" in r.stdout:
-            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-            break
-        if "JobState=COMPLETED" in r.stdout or "JobState=FAILED" in r.stdout:
-            break
-        time.sleep(0.5)
+    signal_and_release(slurm, job, log_path, steps)
     state = wait_job(slurm, job, timeout=900)
     log = log_path.read_text(errors="replace")
     assert state == "COMPLETED", f"job {job} {state}\n{log[-6000:]}"
@@ -155,3 +161,44 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, launch_demo, 
     run = Run(cmd=["sbatch"], out=out, log=log_path, returncode=0, dump=dump)
     assert run.run_info()["world_size"] == 2
     assert run.adapter()
+
+
+@pytest.mark.slow
+def test_plain_srun_tasks_checkpoint_requeue_and_resume_on_sigusr1(slurm, launch_demo, runs_dir):
+    """A site's own batch script with `srun python finetune.py` (one task per GPU, no torchrun): SIGUSR1
+    reaches both tasks through srun, they stop at the same step and checkpoint, rank 0 requeues the job,
+    and the requeued run (SLURM_RESTART_COUNT=1, no launcher to add the flag) resumes by itself."""
+    import shlex
+    import sys
+
+    from launchkit import REPO
+
+    work = runs_dir / "srun_tasks_preempt"
+    work.mkdir()
+    out, dump = work / "out", work / "ranks"
+    steps = 300
+    args = [a for a in TINY]
+    args[args.index("--max_steps") + 1] = str(steps)
+    ft = [sys.executable, str(REPO / "finetune.py"), "--config", str(REPO / "recipes" / "lora-default.yaml"),
+          "--model_name_or_path", str(launch_demo["model"]), "--data_path", str(launch_demo["data"]),
+          "--use_lora", "True", "--q_lora", "False", "--output_dir", str(out), *args,
+          "--per_device_train_batch_size", "1", "--logging_steps", "10"]
+    script = work / "tasks.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --ntasks=2\n#SBATCH --cpus-per-task=1\n#SBATCH --requeue\n"
+                      f"#SBATCH --open-mode=append\nsrun {shlex.join(ft)}\n")
+    env = slurm.env(base_env(PYTHONPATH=HOOKS / "dump_weights", QLAUNCH_TEST_DUMP_DIR=dump))
+    r = slurm.run("sbatch", "--parsable", f"--chdir={work}", f"--output={work}/slurm-%j.out", str(script), env=env,
+                  check=False)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n{slurm.logs()}"
+    job = r.stdout.strip().split(";")[0]
+    log_path = work / f"slurm-{job}.out"
+    signal_and_release(slurm, job, log_path, steps)
+    state = wait_job(slurm, job, timeout=900)
+    log = log_path.read_text(errors="replace")
+    assert state == "COMPLETED", f"job {job} {state}\n{log[-6000:]}"
+    assert "SIGUSR1 received" in log and "Requeued SLURM job" in log, log[-4000:]
+    assert "SLURM requeue 1: resuming from the newest checkpoint" in log, log[-4000:]
+    assert re.search(r"Resuming from .*checkpoint-\d+", log), log[-4000:]
+    run = Run(cmd=["sbatch"], out=out, log=log_path, returncode=0, dump=dump)
+    assert run.run_info()["world_size"] == 2 and run.adapter()
+    assert_ranks_identical(run, 2)

@@ -102,6 +102,13 @@ def test_sbatch_help_and_bad_flag_outside_slurm():
         assert r.returncode == 2 and "not inside a SLURM job" in r.stderr
 
 
+def tiny_for(steps: int) -> list[str]:
+    """The tiny run's flags with more steps: long enough to be signalled while it trains."""
+    args = list(TINY)
+    args[args.index("--max_steps") + 1] = str(steps)
+    return args
+
+
 def signal_and_release(slurm, job: str, log_path, steps: int) -> None:
     """Once training runs, SIGUSR1 to the job's steps (what --signal=USR1@N sends before the time limit); when
     the job is requeued, release it at once (Slurm holds a requeued job back for ~2 min)."""
@@ -138,8 +145,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, launch_demo, 
     work.mkdir()
     out, dump = work / "out", work / "ranks"
     steps = 300
-    args = [a for a in TINY]
-    args[args.index("--max_steps") + 1] = str(steps)
+    args = tiny_for(steps)
     job = sbatch(slurm, "lora_slurm.sbatch",
                  ["-m", str(launch_demo["model"]), "-d", str(launch_demo["data"]), "-o", str(out), "--", *args,
                   "--per_device_train_batch_size", "1", "--logging_steps", "10"],
@@ -177,8 +183,7 @@ def test_plain_srun_tasks_checkpoint_requeue_and_resume_on_sigusr1(slurm, launch
     work.mkdir()
     out, dump = work / "out", work / "ranks"
     steps = 300
-    args = [a for a in TINY]
-    args[args.index("--max_steps") + 1] = str(steps)
+    args = tiny_for(steps)
     ft = [sys.executable, str(REPO / "finetune.py"), "--config", str(REPO / "recipes" / "lora-default.yaml"),
           "--model_name_or_path", str(launch_demo["model"]), "--data_path", str(launch_demo["data"]),
           "--use_lora", "True", "--q_lora", "False", "--output_dir", str(out), *args,

@@ -181,6 +181,38 @@ def _check_model_dir(ns: argparse.Namespace, problems: list[str]) -> None:
                         "download the full checkpoint.")
     else:
         problems += _weights_problems(ns, path)
+    if "config.json" in names and not ns.dry_run:  # planning reads config.json itself (Qwen(1) keys too)
+        problems += _config_problems(path)
+    if ns.data_path and not any(n in TOKENIZER_FILES for n in names):  # the data is tokenized before loading
+        problems.append(f"--model_name_or_path {path!r}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                        "copy the tokenizer of the base model into it (tokenizer.save_pretrained).")
+
+
+# What AutoTokenizer can build a tokenizer from (fast, sentencepiece, BPE vocab, Qwen(1)'s tiktoken file)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "spiece.model", "qwen.tiktoken")
+
+
+def _config_problems(path: str) -> list[str]:
+    """config.json names a model_type the installed transformers knows (or ships its own code: auto_map),
+    checked before anything loads; unreadable JSON and non-objects are read_config's to report."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return []  # reported where the checkpoint's config is read (qlaunch.config.checkpoint.read_config)
+    if not isinstance(config, dict) or "auto_map" in config:  # remote code brings its own classes (--trust_remote_code is checked elsewhere)
+        return []
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        return [f"--model_name_or_path {path!r}: config.json names no model_type; download it again."]
+    if model_type not in CONFIG_MAPPING:
+        return [f"--model_name_or_path {path!r}: model_type {model_type!r} is unknown to transformers "
+                f"{transformers.__version__}; upgrade transformers (pip install -U transformers) or check the path."]
+    return []
 
 
 def _weights_problems(ns: argparse.Namespace, path: str) -> list[str]:

@@ -88,6 +88,22 @@ def damaged_weights(tmp_path, demo, how):
     return model
 
 
+def edited_config(tmp_path, demo, **changes):
+    """A copy of the demo model whose config.json has these keys changed (None: removed)."""
+    model = model_copy(tmp_path, demo, ".none")
+    path = os.path.join(model[1], "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return model
+
+
 def flags(*argv):
     return lambda tmp_path, demo: list(argv)
 
@@ -191,6 +207,12 @@ CASES = [
     ("unknown LoRA target", flags("--lora_target_modules", "q_proj", "c_attn"),
      "--lora_target_modules c_attn: no module of that name"),
     ("unknown module to save", flags("--lora_modules_to_save", "wte"), "--lora_modules_to_save wte: no module"),
+    ("unknown model_type", lambda t, d: edited_config(t, d, model_type="llama9"),
+     "model_type 'llama9' is unknown to transformers"),
+    ("no model_type", lambda t, d: edited_config(t, d, model_type=None), "config.json names no model_type"),
+    ("no tokenizer files", lambda t, d: model_copy(t, d, ("tokenizer.json", "tokenizer_config.json",
+                                                          "special_tokens_map.json", "chat_template.jinja")),
+     "no tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json, ...)"),
 ]
 
 

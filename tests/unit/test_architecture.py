@@ -121,3 +121,13 @@ def test_the_checker_sees_what_it_checks(graph):
     assert "qlaunch.config.errors" in graph["qlaunch.config.resolve"]
     assert "qlaunch.model.inference" in graph["qlaunch.chat"]  # imported inside main()
     assert kind("qlaunch.plan") == ("door", None) and kind("qlaunch.memory.planner") == ("internal", "memory")
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test modules by basename (no packages here): two test_x.py in different folders stop
+    the whole collection with an "import file mismatch"."""
+    from collections import Counter
+
+    root = os.path.join(REPO, "tests")
+    names = Counter(f for _, _, files in os.walk(root) for f in files if f.startswith("test_") and f.endswith(".py"))
+    assert [n for n, c in names.items() if c > 1] == []

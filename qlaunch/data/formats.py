@@ -12,12 +12,14 @@ Any record may carry a top-level ``"system"`` string; otherwise the default syst
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
 from qlaunch.config.errors import UsageError
 
 Message = dict[str, str]
+log = logging.getLogger("qlaunch")
 
 ROLE_NAMES = {
     "user": "user",
@@ -27,6 +29,67 @@ ROLE_NAMES = {
     "system": "system",
 }
 MAX_REPORTED = 5  # problems listed per file before "and N more"
+
+
+class _Object(dict):
+    """A JSON object as parsed here: remembers the keys it held more than once (json keeps the last value
+    silently, so a record with two "value"s trains on whichever came last)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+class NonFinite(float):
+    """NaN / Infinity literals (not JSON, but Python's json accepts them): kept distinguishable, so a record
+    holding one is reported instead of training on the text "nan"."""
+
+    literal = "NaN"
+
+
+def _constant(literal: str) -> NonFinite:
+    value = NonFinite(float(literal.replace("Infinity", "inf")))
+    value.literal = literal
+    return value
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    obj = _Object(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        obj.duplicates = tuple(dict.fromkeys(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant)
+
+
+def _loads(text: str) -> Any:
+    """json.loads that marks duplicate keys and non-finite literals (see _Object, NonFinite)."""
+    return _DECODER.decode(text)
+
+
+def _json_type(value: Any) -> str:
+    return "dict" if isinstance(value, dict) else type(value).__name__
+
+
+def strict_problem(record: Any, depth: int = 0) -> str | None:
+    """What JSON itself let through in a record: a key given twice, NaN / Infinity, nesting deeper than a
+    conversation needs."""
+    if depth > MAX_DEPTH:
+        return f"is nested more than {MAX_DEPTH} levels deep"
+    if isinstance(record, NonFinite):
+        return f"holds the literal {record.literal}, which is not JSON (write a number or a string)"
+    if isinstance(record, dict):
+        if getattr(record, "duplicates", ()):
+            return f"has the key {record.duplicates[0]!r} more than once (JSON keeps only the last value)"
+        values = record.values()
+    elif isinstance(record, list):
+        values = record
+    else:
+        return None
+    return next((p for p in (strict_problem(v, depth + 1) for v in values) if p), None)
+
+
+MAX_DEPTH = 20  # a conversation is 4 levels deep (list of records, record, turns, turn)
 
 
 def _utf8_error(path: str, byte: int, line: int, raw: bytes) -> UsageError:
@@ -70,17 +133,21 @@ def read_records(path: str) -> list[Any]:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                records.append(_loads(line))
             except json.JSONDecodeError as e:
                 raise _jsonl_line_error(path, lineno, e) from None
+            except RecursionError:
+                raise UsageError(f"{path}:{lineno}: nested too deeply to parse; a record is a few levels deep.") from None
     else:
         try:
-            records = json.loads(text)
+            records = _loads(text)
+        except RecursionError:
+            raise UsageError(f"{path}: nested too deeply to parse; a record is a few levels deep.") from None
         except json.JSONDecodeError as e:
             hint = " (one record per line? name the file .jsonl)" if e.msg == "Extra data" else ""
             raise UsageError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}){hint}. {flag_hint}") from None
         if not isinstance(records, list):
-            raise UsageError(f"{path}: expected a JSON list of records, got {type(records).__name__}. {flag_hint}")
+            raise UsageError(f"{path}: expected a JSON list of records, got {_json_type(records)}. {flag_hint}")
     if not records:
         raise UsageError(f"{path}: no records. The file must hold at least one training sample.")
     return records
@@ -106,8 +173,11 @@ def _conversation(turns: Any, role_key: str, text_key: str) -> list[Message]:
 
 def to_messages(record: Any, default_system: str) -> list[Message]:
     """Convert one record to canonical messages; raise ValueError saying what is wrong."""
+    problem = strict_problem(record)
+    if problem:
+        raise ValueError(problem)
     if not isinstance(record, dict):
-        raise ValueError(f"is a {type(record).__name__}, not an object")
+        raise ValueError(f"is a {_json_type(record)}, not an object")
     if "conversations" in record:
         messages = _conversation(record["conversations"], "from", "value")
     elif "messages" in record:
@@ -141,14 +211,36 @@ def to_messages(record: Any, default_system: str) -> list[Message]:
 def load_samples(path: str, default_system: str) -> list[list[Message]]:
     """Read a data file and convert every record; all bad records are reported at once."""
     records = read_records(path)
-    samples, problems = [], []
+    samples, problems, empty = [], [], []
     for index, record in enumerate(records):
         try:
             samples.append(to_messages(record, default_system))
         except ValueError as e:
             problems.append(f"record {index}{_record_id(record)} {e}")
+            continue
+        if not has_reply(samples[-1]):
+            empty.append(index)
     _raise_malformed(path, problems)
+    report_empty_replies(path, empty, len(samples))
     return samples
+
+
+def has_reply(messages: list[Message]) -> bool:
+    """Whether any assistant turn has text: a record whose replies are all empty teaches only to stop."""
+    return any(m["role"] == "assistant" and m["content"].strip() for m in messages)
+
+
+def report_empty_replies(path: str, empty: list[int], total: int) -> None:
+    """One warning naming the records whose every reply is empty; refused when that is every record."""
+    if not empty:
+        return
+    shown = ", ".join(map(str, empty[:MAX_REPORTED])) + (f" and {len(empty) - MAX_REPORTED} more"
+                                                         if len(empty) > MAX_REPORTED else "")
+    if len(empty) == total:
+        raise UsageError(f"{path}: every record's assistant replies are empty: nothing to learn but stopping; "
+                         "fill in the replies (the assistant turns' text).")
+    log.warning("%s: %d of %d records have only empty assistant replies (records %s); they train the model "
+                "to stop at once.", path, len(empty), total, shown)
 
 
 def _raise_malformed(path: str, problems: list[str]) -> None:
@@ -172,7 +264,7 @@ class JsonlSamples:
         self.path, self.default_system = path, default_system
         self.offsets = array("q")
         self._file = None  # (pid, handle): DataLoader workers fork, each reads with its own
-        problems, offset = [], 0
+        problems, empty, offset = [], [], 0
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 start, offset = offset, offset + len(raw)
@@ -183,15 +275,20 @@ class JsonlSamples:
                 except UnicodeDecodeError as e:
                     raise _utf8_error(path, start + e.start, lineno, raw[e.start:e.start + 4]) from None
                 try:
-                    record = json.loads(text)
+                    record = _loads(text)
                 except json.JSONDecodeError as e:
                     raise _jsonl_line_error(path, lineno, e) from None
+                except RecursionError:
+                    raise UsageError(f"{path}:{lineno}: nested too deeply to parse; a record is a few levels "
+                                     "deep.") from None
                 try:
-                    to_messages(record, default_system)
+                    if not has_reply(to_messages(record, default_system)):
+                        empty.append(len(self.offsets))
                 except ValueError as e:
                     problems.append(f"record {len(self.offsets)}{_record_id(record)} {e}")
                 self.offsets.append(start)
         _raise_malformed(path, problems)
+        report_empty_replies(path, empty, len(self.offsets) - len(problems))
         if not self.offsets:
             raise UsageError(f"{path}: no records. The file must hold at least one training sample.")
 
@@ -203,7 +300,7 @@ class JsonlSamples:
             self._file = (os.getpid(), open(self.path, "rb"))  # noqa: SIM115 - kept open for later reads
         handle = self._file[1]
         handle.seek(self.offsets[i])
-        return to_messages(json.loads(handle.readline().decode("utf-8-sig" if self.offsets[i] == 0 else "utf-8")),
+        return to_messages(_loads(handle.readline().decode("utf-8-sig" if self.offsets[i] == 0 else "utf-8")),
                            self.default_system)
 
     def __getstate__(self):  # picklable (spawned workers): the handle is reopened where it is used

@@ -175,6 +175,15 @@ CASES = [
     ("unknown role", lambda t, d: data(t, [{"messages": [{"role": "robot", "content": "x"}]}]),
      "turn 0 has role 'robot'"),
     ("unknown record shape", lambda t, d: data(t, [{"text": "x"}]), "expected 'conversations' (Qwen)"),
+    ("duplicate key", lambda t, d: ["--data_path", write(t, "d.json", '[{"instruction": "a", "output": "b", '
+                                                             '"output": "c"}]')],
+     "record 0 has the key 'output' more than once"),
+    ("NaN literal", lambda t, d: ["--data_path", write(t, "d.json", '[{"instruction": "a", "input": NaN, '
+                                                           '"output": "b"}]')], "record 0 holds the literal NaN"),
+    ("nested too deep", lambda t, d: ["--data_path", write(t, "d.json", "[" * 50000 + "]" * 50000)],
+     "nested too deeply to parse"),
+    ("every reply empty", lambda t, d: data(t, [{"instruction": "a", "output": ""}] * 3),
+     "every record's assistant replies are empty"),
     ("bad eval data", lambda t, d: ["--eval_data_path", write(t, "e.json", "[1, 2")], "e.json:1:6: not valid JSON"),
     ("every sample dropped", flags("--model_max_length", "20"), "every sample was dropped"),
     # ---- model, adapter, DeepSpeed, recipe, output directory

@@ -90,3 +90,55 @@ def test_json_that_is_not_a_list(tmp_path):
     path.write_text('{"conversations": []}')
     with pytest.raises(UsageError, match="expected a JSON list of records, got dict"):
         load_samples(str(path), SYS)
+
+
+GOOD = '{"conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "hello"}]}'
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+@pytest.mark.parametrize("record, words", [
+    ('{"conversations": [{"from": "user", "value": "hi", "value": "bye"}, {"from": "assistant", "value": "x"}]}',
+     "has the key 'value' more than once (JSON keeps only the last value)"),
+    ('{"instruction": "add", "input": NaN, "output": "2"}', "holds the literal NaN, which is not JSON"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "w": -Infinity}',
+     "holds the literal -Infinity"),
+])
+def test_what_json_lets_through_is_a_malformed_record(tmp_path, suffix, record, words):
+    """json.loads keeps the last of two keys and turns NaN into a float that became the text "nan"."""
+    from qlaunch.data.formats import JsonlSamples
+
+    path = tmp_path / f"d{suffix}"
+    path.write_text(f"[{GOOD}, {record}]" if suffix == ".json" else f"{GOOD}\n{record}\n")
+    for read in ((load_samples,) if suffix == ".json" else (load_samples, JsonlSamples)):
+        with pytest.raises(UsageError) as e:
+            read(str(path), SYS)
+        assert "1 malformed record(s)" in str(e.value) and f"record 1 {words}" in str(e.value), str(e.value)
+
+
+def test_nesting_too_deep_to_parse_is_one_problem(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(UsageError, match="nested too deeply to parse"):
+        load_samples(str(path), SYS)
+    path.write_text(json.dumps([json.loads(GOOD) | {"meta": [[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]}]))
+    with pytest.raises(UsageError, match="is nested more than 20 levels deep"):
+        load_samples(str(path), SYS)
+
+
+def test_empty_replies_are_counted_in_one_warning_and_refused_when_all_are_empty(tmp_path, caplog):
+    import logging
+
+    empty = GOOD.replace('"hello"', '"  "')
+    path = tmp_path / "d.json"
+    path.write_text(f"[{GOOD}, {empty}, {GOOD}, {empty}]")
+    logger = logging.getLogger("qlaunch")
+    logger.addHandler(caplog.handler)
+    try:
+        assert len(load_samples(str(path), SYS)) == 4
+    finally:
+        logger.removeHandler(caplog.handler)
+    warnings = [r.getMessage() for r in caplog.records if "empty assistant replies" in r.getMessage()]
+    assert len(set(warnings)) == 1 and "2 of 4 records have only empty assistant replies (records 1, 3)" in warnings[0]
+    path.write_text(f"[{empty}, {empty}]")
+    with pytest.raises(UsageError, match="every record's assistant replies are empty"):
+        load_samples(str(path), SYS)

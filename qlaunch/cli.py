@@ -402,6 +402,11 @@ def main(argv=None, extra_callbacks=()) -> None:
     from_srun = use_srun_task_env()  # before anything reads the rank or the world size
     try:
         from_mpi = use_mpi_env()
+        from qlaunch.config.environment import RANK_VARIABLES, integer_variable_problems
+
+        problems = integer_variable_problems(os.environ, RANK_VARIABLES)  # read by torch and the ranks' logs
+        if problems:
+            raise UsageError(problems)
     except UsageError as e:
         print(e.render(), file=sys.stderr)
         sys.exit(2)

@@ -71,18 +71,19 @@ def engine_configs(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 def plan(args: argparse.Namespace, env: dict, facts: Facts, python: str = sys.executable) -> LaunchPlan:
     """The command to exec for these flags, environment and machine. Raises LaunchError."""
-    deepspeed, fsdp = engine_configs(args)
+    from qlaunch.config.environment import LAUNCH_VARIABLES, integer_variable_problems
     from qlaunch.config.files import config_file_problems
 
+    problems = integer_variable_problems(env, LAUNCH_VARIABLES)
+    if problems:
+        raise LaunchError(problems)
+    deepspeed, fsdp = engine_configs(args)
     # The same check finetune.py makes, made here too so that N processes are not started for it.
     problems = config_file_problems(args.config, deepspeed, fsdp)
     if problems:
         raise LaunchError(problems)
     ft = finetune_argv(args, env, deepspeed, fsdp)
-    restarts_text = env.get("MAX_RESTARTS", "0") or "0"
-    if not restarts_text.isdigit():
-        raise LaunchError(f"MAX_RESTARTS must be a number, got '{restarts_text}'")
-    restarts = int(restarts_text)
+    restarts = int(env.get("MAX_RESTARTS") or 0)  # the domains above were checked
     ds = (deepspeed or "none") + (f" fsdp={fsdp}" if fsdp else "")
 
     if args.mode == "single":
@@ -96,10 +97,7 @@ def plan(args: argparse.Namespace, env: dict, facts: Facts, python: str = sys.ex
         return plan_slurm(args, env, facts, python, ft, restarts, ds)
 
     nnodes = positive("NNODES", env.get("NNODES") or "1")
-    node_rank_text = env.get("NODE_RANK") or "0"
-    if not node_rank_text.isdigit():
-        raise LaunchError(f"NODE_RANK must be a number, got '{node_rank_text}'")
-    node_rank = int(node_rank_text)
+    node_rank = int(env.get("NODE_RANK") or 0)
     if node_rank >= nnodes:
         raise LaunchError(f"NODE_RANK={node_rank} must be < NNODES={nnodes}")
     nproc, on_gpu = processes_per_node(env, facts, "dist")

@@ -93,7 +93,7 @@ def test_restarts_switch_to_c10d_with_own_worker_store():
                  "MASTER_PORT": "29400", "RDZV_ID": "job7"}
     args = torchrun_args(make(["-m", "M", "-d", "D"], two_nodes, GPU_BOX).argv)
     assert (args.rdzv_endpoint, args.rdzv_id, args.nnodes) == ("node0:29400", "job7", "2")
-    with pytest.raises(LaunchError, match="MAX_RESTARTS must be a number"):
+    with pytest.raises(LaunchError, match="MAX_RESTARTS='x': must be a whole number >= 0"):
         make(["-m", "M", "-d", "D"], {"MAX_RESTARTS": "x"}, GPU_BOX)
 
 

@@ -5,8 +5,8 @@
 A ~300M-parameter random Llama (built locally; weights dominate) trains Q-LoRA for 2 steps under
 FSDP2 and ZeRO-3 with N = 2 and 4 CPU processes — on its NF4 quantization (bitsandbytes, at load), or
 with `--quant gptq` on our own GPTQ Int4 checkpoint of it (`python -m qlaunch.quantize`, ~3 min here),
-whose packed weights the engines shard as parameters (qlaunch/model/gptq_shard.py) (torchrun through launch/qlora_ds.sh, gloo,
-127.0.0.1). Each rank records, through the test hook tests/integration/_hooks/dump_weights: the bytes
+whose packed weights the engines shard as parameters (qlaunch/model/gptq_shard.py); torchrun through
+launch/qlora_ds.sh, gloo, 127.0.0.1. Each rank records, through the test hook tests/integration/_hooks/dump_weights: the bytes
 of parameter storage it holds after training (its shard), its peak RSS when training starts (the
 model loaded, not yet sharded) and at the end, and how many times it read the checkpoint
 (`reads`: under FSDP2 rank 0 alone reads a 4-bit base; the plan's load phase is rank 0's). Beside them: `python -m qlaunch.plan` for the same
@@ -86,12 +86,13 @@ def train(model: str, data: str, engine: str | None, n: int, work: str):
 def equality(run, single) -> dict:
     """Per-step losses and adapter of a sharded run against one process with the same global batch."""
     import numpy as np
+    from launchkit import max_abs_diff
 
     losses, ref = np.array(run.losses()), np.array(single.losses())
-    a, b = run.adapter(), single.adapter()
-    scale = max(float(t.abs().max()) for t in b.values())
+    reference = single.adapter()
+    scale = max(float(t.abs().max()) for t in reference.values())
     return {"loss_rtol": float(np.max(np.abs(losses - ref) / np.abs(ref))),
-            "adapter_rtol": max(float((a[k] - b[k]).abs().max()) for k in b) / scale}
+            "adapter_rtol": max_abs_diff(run.adapter(), reference) / scale}
 
 
 def measure(run) -> list[dict]:

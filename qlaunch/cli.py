@@ -402,9 +402,9 @@ def main(argv=None, extra_callbacks=()) -> None:
     from_srun = use_srun_task_env()  # before anything reads the rank or the world size
     try:
         from_mpi = use_mpi_env()
-        from qlaunch.config.environment import RANK_VARIABLES, integer_variable_problems
+        from qlaunch.config.environment import rank_variable_problems
 
-        problems = integer_variable_problems(os.environ, RANK_VARIABLES)  # read by torch and the ranks' logs
+        problems = rank_variable_problems(os.environ)  # read by torch and the ranks' logs
         if problems:
             raise UsageError(problems)
     except UsageError as e:

@@ -10,6 +10,8 @@ address from `hostname -I`; this serves every engine the same way.
 """
 from __future__ import annotations
 
+from qlaunch.config.environment import LAUNCHER_VARIABLES
+
 # (rank, world size, local rank, local size) variables of each MPI family, in the order they are tried
 MPI_FAMILIES = {
     "Open MPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
@@ -17,7 +19,6 @@ MPI_FAMILIES = {
     "MPICH / Intel MPI (Hydra, PMI)": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
     "PMIx": ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK", "PMIX_LOCAL_SIZE"),
 }
-TORCH_RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def mpi_family(env) -> str | None:
@@ -32,7 +33,7 @@ def mpi_rank_env(env) -> tuple[dict, str | None]:
     """(the rank variables torch reads, a problem) for a process an MPI launcher started; ({}, None) outside
     MPI or when a launcher already set torch's variables. The rendezvous address is not included."""
     family = mpi_family(env)
-    if family is None or any(name in env for name in TORCH_RANK_VARIABLES):
+    if family is None or any(name in env for name in LAUNCHER_VARIABLES):
         return {}, None
     rank_name, size_name, local_name, local_size_name = MPI_FAMILIES[family]
     values = {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+from qlaunch.config.environment import LAUNCHER_VARIABLES
+
 
 def is_loopback(addr: str) -> bool:
     return addr.startswith("127.") or addr in ("localhost", "::1")
@@ -41,7 +43,7 @@ def single_process_env(env: dict, port: int) -> dict:
     finetune.py applies this at startup when --deepspeed is given without torchrun/deepspeed/srun:
     otherwise DeepSpeed falls back to mpi4py and takes MASTER_ADDR from `hostname -I`.
     """
-    if any(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+    if any(k in env for k in LAUNCHER_VARIABLES):
         return {}
     return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": env.get("MASTER_PORT") or str(port)}
@@ -60,7 +62,7 @@ def srun_task_env(env: dict, first_addr: str | None) -> dict:
     already set them, outside a job step, or for a single task."""
     # SLURM_STEP_NUM_TASKS is set by srun for its step only: a batch script's own shell (sbatch --ntasks=N
     # sets SLURM_NTASKS there too) is never taken for a task of an N-task step.
-    if any(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) or "SLURM_STEP_NUM_TASKS" not in env:
+    if any(k in env for k in LAUNCHER_VARIABLES) or "SLURM_STEP_NUM_TASKS" not in env:
         return {}
     tasks = int(env.get("SLURM_STEP_NUM_TASKS") or 1)
     if tasks < 2 or "SLURM_PROCID" not in env:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # set by torchrun, deepspeed, or from srun / MPI
 LEAD_VARIABLE = "QLAUNCH_SIGNAL_LEAD"  # seconds between SLURM's warning and the kill (--signal=USR1@LEAD)
 
 
@@ -44,8 +45,13 @@ def integer_variable_problems(env, domains: dict) -> list[str]:
         if value is None or value < low or (high is not None and value > high):
             bound = f"between {low} and {high}" if high is not None else f">= {low}"
             problems.append(f"{name}={text!r}: must be a whole number {bound}.")
-    if not problems and {"RANK", "WORLD_SIZE"} <= set(env) and domains is RANK_VARIABLES:
-        if int(env["RANK"]) >= int(env["WORLD_SIZE"]):
-            problems.append(f"RANK={env['RANK']} of WORLD_SIZE={env['WORLD_SIZE']}: a rank must be below the world "
-                            "size; let the launcher set them.")
+    return problems
+
+
+def rank_variable_problems(env) -> list[str]:
+    """torch's rank variables in their domains, and the rank below the world size."""
+    problems = integer_variable_problems(env, RANK_VARIABLES)
+    if not problems and env.get("RANK") and env.get("WORLD_SIZE") and int(env["RANK"]) >= int(env["WORLD_SIZE"]):
+        problems.append(f"RANK={env['RANK']} of WORLD_SIZE={env['WORLD_SIZE']}: a rank must be below the world "
+                        "size; let the launcher set them.")
     return problems

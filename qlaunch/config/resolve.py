@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from qlaunch.config.domains import FINETUNE
-from qlaunch.config.environment import signal_lead
+from qlaunch.config.environment import LAUNCHER_VARIABLES, signal_lead
 from qlaunch.config.engine import (
     Engine,
     deepspeed_config_warnings,
@@ -38,8 +38,8 @@ class Settings:
     engine: Engine = field(default_factory=Engine)  # DDP, DeepSpeed ZeRO-n or FSDP2: what is sharded
     rank0_load: bool = False  # FSDP2 + 4-bit: rank 0 reads the base, the others get shards (model/rank0_load)
     rank0_scatter: bool = True  # ...and qlaunch scatters its tensors (accelerate does it for GPTQ, rank0_load)
-    shard_gptq: bool = False
-    signal_lead: float | None = None  # seconds from SLURM's warning to the kill (QLAUNCH_SIGNAL_LEAD)  # ZeRO-3 / FSDP2 + GPTQ: packed weights as shardable parameters (model/gptq_shard)
+    shard_gptq: bool = False  # ZeRO-3 / FSDP2 + GPTQ: packed weights as shardable parameters (model/gptq_shard)
+    signal_lead: float | None = None  # seconds from SLURM's warning to the kill (QLAUNCH_SIGNAL_LEAD)
     model: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -182,7 +182,6 @@ def resolve_fsdp(ns: argparse.Namespace, settings: Settings, env=os.environ) -> 
     settings.training["fsdp"] = True
 
 
-LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")  # set by torchrun, srun-per-GPU setups, deepspeed
 
 
 def launcherless_multi_gpu(machine: Machine, env, *, deepspeed: bool, dry_run: bool) -> str | None:

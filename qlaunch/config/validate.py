@@ -173,6 +173,7 @@ def _check_model_dir(ns: argparse.Namespace, problems: list[str]) -> None:
         problems.append(f"--model_name_or_path {path!r}: directory not readable; check its permissions.")
         return
     names = os.listdir(path)
+    config = _json_object(os.path.join(path, "config.json")) if "config.json" in names else None
     if "config.json" not in names:
         problems.append(f"--model_name_or_path {path!r}: no config.json; pass a directory saved by "
                         "save_pretrained (or a hub id).")
@@ -180,9 +181,9 @@ def _check_model_dir(ns: argparse.Namespace, problems: list[str]) -> None:
         problems.append(f"--model_name_or_path {path!r}: no weights (*.safetensors / *.bin) beside config.json; "
                         "download the full checkpoint.")
     else:
-        problems += _weights_problems(ns, path)
-    if "config.json" in names and not ns.dry_run:  # planning reads config.json itself (Qwen(1) keys too)
-        problems += _config_problems(path)
+        problems += _weights_problems(ns, path, config)
+    if config is not None and not ns.dry_run:  # planning reads config.json itself (Qwen(1) keys too)
+        problems += _config_problems(path, config)
     if ns.data_path and not any(n in TOKENIZER_FILES for n in names):  # the data is tokenized before loading
         problems.append(f"--model_name_or_path {path!r}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
                         "copy the tokenizer of the base model into it (tokenizer.save_pretrained).")
@@ -193,15 +194,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "spiece.model", "qwen.tiktoken")
 
 
-def _config_problems(path: str) -> list[str]:
-    """config.json names a model_type the installed transformers knows (or ships its own code: auto_map),
-    checked before anything loads; unreadable JSON and non-objects are read_config's to report."""
+def _json_object(file: str) -> dict | None:
+    """A JSON file's object, or None when it is unreadable or not an object (read_config reports that)."""
     try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
     except (OSError, ValueError):
-        return []  # reported where the checkpoint's config is read (qlaunch.config.checkpoint.read_config)
-    if not isinstance(config, dict) or "auto_map" in config:  # remote code brings its own classes (--trust_remote_code is checked elsewhere)
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _config_problems(path: str, config: dict) -> list[str]:
+    """config.json names a model_type the installed transformers knows (or ships its own code: auto_map),
+    checked before anything loads."""
+    if "auto_map" in config:  # remote code brings its own classes (--trust_remote_code is checked elsewhere)
         return []
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -215,7 +221,7 @@ def _config_problems(path: str) -> list[str]:
     return []
 
 
-def _weights_problems(ns: argparse.Namespace, path: str) -> list[str]:
+def _weights_problems(ns: argparse.Namespace, path: str, config: dict | None) -> list[str]:
     """The weight files' headers, and the modules the LoRA flags name, checked against the tensors the
     checkpoint holds (qlaunch.config.weights) — before anything loads."""
     from qlaunch.config.weights import checkpoint_tensor_names, unmatched_modules
@@ -224,18 +230,13 @@ def _weights_problems(ns: argparse.Namespace, path: str) -> list[str]:
     problems = [f"--model_name_or_path {path!r}: {p}" for p in problems]
     if names is None:
         return problems
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-        tied = bool(config.get("tie_word_embeddings", True)) if isinstance(config, dict) else False
-    except (OSError, ValueError):
-        tied = False  # config.json problems are reported where it is read
+    tied = bool(config.get("tie_word_embeddings", True)) if config is not None else False
+    examples = ", ".join(sorted({n.rsplit(".", 2)[-2] for n in names if n.count(".") >= 2})[:8])
     for flag in ("lora_target_modules", "lora_modules_to_save"):
         missing = unmatched_modules(getattr(ns, flag, None), names, tied_lm_head=tied)
         if missing:
             problems.append(f"--{flag} {' '.join(missing)}: no module of that name in {path!r} (its modules end in "
-                            f"e.g. {', '.join(sorted({n.rsplit('.', 2)[-2] for n in names if n.count('.') >= 2})[:8])}); "
-                            "use the model's own module names.")
+                            f"e.g. {examples}); use the model's own module names.")
     return problems
 
 

@@ -62,9 +62,13 @@ def _object(pairs: list[tuple[str, Any]]) -> _Object:
 _DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant)
 
 
-def _loads(text: str) -> Any:
-    """json.loads that marks duplicate keys and non-finite literals (see _Object, NonFinite)."""
-    return _DECODER.decode(text)
+def _loads(text: str, where: str) -> Any:
+    """json.loads that marks duplicate keys and non-finite literals (see _Object, NonFinite), and names
+    `where` (file, or file:line) when the text nests deeper than the parser can recurse."""
+    try:
+        return _DECODER.decode(text)
+    except RecursionError:
+        raise UsageError(f"{where}: nested too deeply to parse; a record is a few levels deep.") from None
 
 
 def _json_type(value: Any) -> str:
@@ -133,16 +137,12 @@ def read_records(path: str) -> list[Any]:
             if not line.strip():
                 continue
             try:
-                records.append(_loads(line))
+                records.append(_loads(line, f"{path}:{lineno}"))
             except json.JSONDecodeError as e:
                 raise _jsonl_line_error(path, lineno, e) from None
-            except RecursionError:
-                raise UsageError(f"{path}:{lineno}: nested too deeply to parse; a record is a few levels deep.") from None
     else:
         try:
-            records = _loads(text)
-        except RecursionError:
-            raise UsageError(f"{path}: nested too deeply to parse; a record is a few levels deep.") from None
+            records = _loads(text, path)
         except json.JSONDecodeError as e:
             hint = " (one record per line? name the file .jsonl)" if e.msg == "Extra data" else ""
             raise UsageError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}){hint}. {flag_hint}") from None
@@ -275,12 +275,9 @@ class JsonlSamples:
                 except UnicodeDecodeError as e:
                     raise _utf8_error(path, start + e.start, lineno, raw[e.start:e.start + 4]) from None
                 try:
-                    record = _loads(text)
+                    record = _loads(text, f"{path}:{lineno}")
                 except json.JSONDecodeError as e:
                     raise _jsonl_line_error(path, lineno, e) from None
-                except RecursionError:
-                    raise UsageError(f"{path}:{lineno}: nested too deeply to parse; a record is a few levels "
-                                     "deep.") from None
                 try:
                     if not has_reply(to_messages(record, default_system)):
                         empty.append(len(self.offsets))
@@ -300,8 +297,8 @@ class JsonlSamples:
             self._file = (os.getpid(), open(self.path, "rb"))  # noqa: SIM115 - kept open for later reads
         handle = self._file[1]
         handle.seek(self.offsets[i])
-        return to_messages(_loads(handle.readline().decode("utf-8-sig" if self.offsets[i] == 0 else "utf-8")),
-                           self.default_system)
+        text = handle.readline().decode("utf-8-sig" if self.offsets[i] == 0 else "utf-8")
+        return to_messages(_loads(text, f"{self.path} (record {i})"), self.default_system)
 
     def __getstate__(self):  # picklable (spawned workers): the handle is reopened where it is used
         return {**self.__dict__, "_file": None}

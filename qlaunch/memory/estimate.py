@@ -391,7 +391,8 @@ def load_host_parts(shape: Shape, job: Job, quant_bytes: float, other: int) -> d
         return {}
     if job.quant == "gptq":  # pre-quantized: nothing is quantized at load, and every packed tensor is a
         # parameter by the time the skeleton is taken (qlaunch.model.gptq_shard): the skeleton is ~empty
-        return {"rank 0: 4-bit base, whole": quant_bytes, "rank 0: non-quantized weights, 16-bit": other * job.base_bytes}
+        return {"rank 0: 4-bit base, whole": quant_bytes,
+                "rank 0: non-quantized weights, 16-bit": other * job.base_bytes}
     largest = max(lin.n_in * lin.n_out for lin in shape.block)
     state = max(quant_bytes - shape.quantizable / 2, 0.0)
     return {"rank 0: 4-bit base, whole": quant_bytes, "rank 0: non-quantized weights, fp32": other * 4,

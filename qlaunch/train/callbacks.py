@@ -81,7 +81,6 @@ class PreemptionCallback(TrainerCallback):
         self.mid_step: tuple[int, int] | None = None  # (micro-steps done, of) when stopped inside a step
         self.step_seconds = self.micro_seconds = self.save_seconds = 0.0
         self.micro_checks = False  # agreed by every rank: the lead is shorter than a step + a save
-        self._warned = False
         self._step_start = self._mark = self._step_end = 0.0
         self._micro_done = 0
         self._rng = None
@@ -126,13 +125,12 @@ class PreemptionCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self._step_end = now = time.monotonic()
         self.step_seconds = max(self.step_seconds, now - self._step_start)
-        long_steps = self.lead is not None and lead_too_short(self.lead, self.step_seconds, self.save_seconds)
-        signalled, long_steps = any_ranks([self.received is not None, bool(long_steps)], args.device)
-        if long_steps and not self.micro_checks:
+        too_short = lead_too_short(self.lead, self.step_seconds, self.save_seconds) if self.lead is not None else None
+        signalled, long_steps = any_ranks([self.received is not None, too_short is not None], args.device)
+        if long_steps and not self.micro_checks:  # agreed: from here on every rank checks at every micro-step
             self.micro_checks = True
-            if state.is_world_process_zero and not self._warned:
-                self._warned = True
-                log.warning(lead_too_short(self.lead, self.step_seconds, self.save_seconds))
+            if state.is_world_process_zero and too_short:
+                log.warning(too_short)
         if self.stopped_at_step is None and signalled:
             self.stopped_at_step = state.global_step
             control.should_save = True

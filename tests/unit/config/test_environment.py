@@ -6,7 +6,12 @@ import os
 
 import pytest
 
-from qlaunch.config.environment import LAUNCH_VARIABLES, RANK_VARIABLES, integer_variable_problems
+from qlaunch.config.environment import (
+    LAUNCH_VARIABLES,
+    RANK_VARIABLES,
+    integer_variable_problems,
+    rank_variable_problems,
+)
 
 def cases(domains):
     for name, (low, high) in domains.items():
@@ -42,5 +47,6 @@ def test_finetune_refuses_a_bad_rank_variable_in_one_line(name, text, demo, tmp_
 
 def test_good_values_and_a_rank_outside_its_world():
     assert integer_variable_problems({"NNODES": "2", "MASTER_PORT": "29500", "MAX_RESTARTS": "0"}, LAUNCH_VARIABLES) == []
-    assert integer_variable_problems({"RANK": "2", "WORLD_SIZE": "2"}, RANK_VARIABLES) == [
+    assert rank_variable_problems({"RANK": "1", "WORLD_SIZE": "2"}) == []
+    assert rank_variable_problems({"RANK": "2", "WORLD_SIZE": "2"}) == [
         "RANK=2 of WORLD_SIZE=2: a rank must be below the world size; let the launcher set them."]

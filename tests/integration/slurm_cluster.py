@@ -252,11 +252,13 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
         self._wait("slurmctld", lambda: self.run("scontrol", "ping", check=False, timeout=10).returncode == 0)
         self._spawn("slurmd", [_which("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)])
 
+    def node_idle(self) -> bool:
+        """The node runs nothing and has finished cleaning up after its last job."""
+        r = self.run("sinfo", "-h", "-N", "-n", self.node, "-o", "%T", check=False, timeout=10)
+        return r.returncode == 0 and r.stdout.strip().rstrip("*~#") == "idle"
+
     def _wait_node_idle(self) -> None:
-        def idle() -> bool:
-            r = self.run("sinfo", "-h", "-N", "-n", self.node, "-o", "%T", check=False, timeout=10)
-            return r.returncode == 0 and r.stdout.strip().rstrip("*~#") in ("idle", "mixed")
-        self._wait(f"node {self.node} idle", idle)
+        self._wait(f"node {self.node} idle", self.node_idle)
 
 
 def wait_job(cluster: SlurmCluster, job_id: str, timeout: float = 600) -> str:

@@ -109,6 +109,11 @@ def tiny_for(steps: int) -> list[str]:
     return args
 
 
+def job_record(slurm, job: str) -> str:
+    """What a failed job's assertion should show: Slurm's record of the job and the daemons' logs."""
+    return slurm.run("scontrol", "show", "job", job, check=False).stdout + "\n" + slurm.logs()
+
+
 def signal_and_release(slurm, job: str, log_path, steps: int) -> None:
     """Once training runs, SIGUSR1 to the job's steps (what --signal=USR1@N sends before the time limit); when
     the job is requeued, release it at once (Slurm holds a requeued job back for ~2 min)."""
@@ -128,7 +133,9 @@ def signal_and_release(slurm, job: str, log_path, steps: int) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         r = slurm.run("scontrol", "show", "job", "-o", job, check=False)
-        if "JobState=PENDING" in r.stdout and "Restarts=1" in r.stdout:
+        if "JobState=PENDING" in r.stdout and "Restarts=1" in r.stdout and slurm.node_idle():
+            # only once the node has finished the first run: a job started again while its old instance is
+            # still being cleaned up on the node can fail to launch (Slurm's own hold exists for this)
             slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
             break
         if "JobState=COMPLETED" in r.stdout or "JobState=FAILED" in r.stdout:
@@ -154,7 +161,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, launch_demo, 
     signal_and_release(slurm, job, log_path, steps)
     state = wait_job(slurm, job, timeout=900)
     log = log_path.read_text(errors="replace")
-    assert state == "COMPLETED", f"job {job} {state}\n{log[-6000:]}"
+    assert state == "COMPLETED", f"job {job} {state}\n{log[-6000:]}\n{job_record(slurm, job)}"
     assert re.search(STAMP + rf" SLURM job {job}: SIGTERM after \d+ s", log), log[-4000:]
     assert "SIGUSR1 received" in log or "USR1" in log, log[-4000:]
     assert re.search(rf"SLURM job {job} start: .* restart=1", log), log[-4000:]
@@ -200,7 +207,7 @@ def test_plain_srun_tasks_checkpoint_requeue_and_resume_on_sigusr1(slurm, launch
     signal_and_release(slurm, job, log_path, steps)
     state = wait_job(slurm, job, timeout=900)
     log = log_path.read_text(errors="replace")
-    assert state == "COMPLETED", f"job {job} {state}\n{log[-6000:]}"
+    assert state == "COMPLETED", f"job {job} {state}\n{log[-6000:]}\n{job_record(slurm, job)}"
     assert "SIGUSR1 received" in log and "Requeued SLURM job" in log, log[-4000:]
     assert "SLURM requeue 1: resuming from the newest checkpoint" in log, log[-4000:]
     assert re.search(r"Resuming from .*checkpoint-\d+", log), log[-4000:]

@@ -202,6 +202,12 @@ def load_model(config):
                          "so the optimizer updates float32 weights.", upcast)
     elif targs.activation_checkpointing:
         model.enable_input_require_grads()
+    if settings and settings.zero3_init:
+        from qlaunch.model.zero3_init import partition_for_zero3
+
+        count = partition_for_zero3(model, targs.hf_deepspeed_config.config, targs.device)
+        log.info("ZeRO-3: %d parameters partitioned across %d ranks as they left rank 0's host memory.",
+                 count, targs.world_size)
     return model, targets
 
 

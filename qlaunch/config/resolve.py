@@ -36,8 +36,9 @@ class Settings:
     load_dtype: torch.dtype | None = None  # the base's dtype at load (None: the compute dtype)
     fp32_trainables: bool = False  # upcast 16-bit trainable parameters after LoRA is attached
     engine: Engine = field(default_factory=Engine)  # DDP, DeepSpeed ZeRO-n or FSDP2: what is sharded
-    rank0_load: bool = False  # FSDP2 + 4-bit: rank 0 reads the base, the others get shards (model/rank0_load)
-    rank0_scatter: bool = True  # ...and qlaunch scatters its tensors (accelerate does it for GPTQ, rank0_load)
+    rank0_load: bool = False  # ZeRO-3/FSDP2 + 4-bit: rank 0 reads the base, the others get shards (model/rank0_load)
+    rank0_scatter: bool = True  # FSDP2: ...and qlaunch scatters its tensors (accelerate does it for GPTQ, rank0_load)
+    zero3_init: bool = False  # ZeRO-3 + 4-bit: partitioned before the engine places it (model/zero3_init)
     shard_gptq: bool = False  # ZeRO-3 / FSDP2 + GPTQ: packed weights as shardable parameters (model/gptq_shard)
     signal_lead: float | None = None  # seconds from SLURM's warning to the kill (QLAUNCH_SIGNAL_LEAD)
     model: dict[str, Any] = field(default_factory=dict)
@@ -125,7 +126,7 @@ def shard_4bit_storage(ns: argparse.Namespace, settings: Settings, engine: str) 
                               f"{storage} (--bnb_4bit_quant_storage) so {engine} can shard them.")
 
 
-def resolve_deepspeed(ns: argparse.Namespace, settings: Settings) -> None:
+def resolve_deepspeed(ns: argparse.Namespace, settings: Settings, env=os.environ) -> None:
     ds_config = read_json_config(ns.deepspeed)
     settings.warnings += deepspeed_config_warnings(ds_config, str(getattr(ns.optim, "value", ns.optim)))
     if getattr(ns, "loraplus_lr_ratio", None) and ds_config.get("optimizer"):
@@ -135,6 +136,11 @@ def resolve_deepspeed(ns: argparse.Namespace, settings: Settings) -> None:
     if zero_stage(ds_config) != 3:
         return
     shard_4bit_storage(ns, settings, "ZeRO-3")
+    if settings.quant_method in ("nf4", "fp4", "gptq") and world_size(env) > 1:
+        settings.rank0_load, settings.rank0_scatter, settings.zero3_init = True, False, True
+        settings.notes.append("ZeRO-3 with a 4-bit base: rank 0 loads it in host memory, the other ranks read "
+                              "nothing; deepspeed.zero.Init partitions it one parameter at a time, so no device "
+                              "holds the whole base.")
 
 
 def scatter_needed(quant_method: str | None, cpu_ram_efficient_loading: bool) -> bool:
@@ -279,7 +285,7 @@ def resolve(ns: argparse.Namespace, machine: Machine, env=None) -> Settings:
 
     settings.engine = engine_of(ns.deepspeed, ns.fsdp_config)
     if ns.deepspeed:
-        resolve_deepspeed(ns, settings)
+        resolve_deepspeed(ns, settings, env)
     resolve_fsdp(ns, settings, env)
     resolve_distributed(ns, settings, machine, env)
     resolve_fp32_trainables(ns, settings)

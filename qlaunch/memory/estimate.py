@@ -346,27 +346,31 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
 def load_parts(shape: Shape, job: Job, quant_bytes: float, other: int, persistent: dict) -> dict:
     """What one device holds while the model loads, before the engine shards anything (bytes by part).
 
-    4-bit bases take transformers' quantized path, which builds no deepspeed.zero.Init even under
-    ZeRO-3, and bitsandbytes places the whole quantized model on each rank's device; peft's k-bit
-    preparation then upcasts every non-quantized parameter (embeddings, lm_head, norms) to fp32 there.
-    ZeRO-3 shards only afterwards, in deepspeed.initialize. FSDP2 builds a 4-bit base in host memory
-    instead (see load_host_parts) and the GPU receives shards. A full-precision
+    4-bit bases take transformers' quantized path, which builds no deepspeed.zero.Init, and bitsandbytes
+    places the whole quantized model on each rank's device; peft's k-bit preparation then upcasts every
+    non-quantized parameter (embeddings, lm_head, norms) to fp32 there. FSDP2 and multi-process ZeRO-3
+    build a 4-bit base in host memory instead (see load_host_parts) and the GPU receives shards
+    (qlaunch.model.rank0_load, qlaunch.model.zero3_init). A full-precision
     base loads partitioned under ZeRO-3 (zero.Init), to host memory and then sharded onto the device
     under FSDP2 (no device map; accelerate moves the shards), and whole on the device otherwise."""
     n = max(job.world_size, 1)
     fixed = {k: v for k, v in persistent.items() if k in ("CUDA context", "process baseline (CPU)")}
     largest = max(lin.n_in * lin.n_out for lin in shape.block)
-    if job.quant and job.engine == "fsdp2" and job.cuda:
-        # Built in host memory (qlaunch.model.load.device_map_for); fully_shard moves one unit at a time
-        # to the GPU (a decoder block, or the embeddings / lm_head) and keeps 1/N of it there. Non-quantized
-        # weights are fp32 after bnb's k-bit preparation, in the compute dtype for GPTQ (peft skips it).
+    if sharded_host_load(job):
+        # Built in host memory (qlaunch.model.load.device_map_for). fully_shard moves one unit at a time
+        # to the GPU (a decoder block, or the embeddings / lm_head) and keeps 1/N of it there; zero.Init moves
+        # one parameter at a time and keeps 1/N of it (in the engine's dtype, or in host memory with
+        # offload_param). FSDP2 keeps non-quantized weights in fp32 after bnb's k-bit preparation, in the
+        # compute dtype for GPTQ (peft skips it).
         on_device = 0.0 if job.offload_params else 1.0
-        other_bytes = 4 if job.quant in ("nf4", "fp4") else job.base_bytes
-        unit = max(quant_bytes / max(shape.layers, 1), shape.embedding_params * other_bytes)
+        fsdp = job.engine == "fsdp2"
+        other_bytes = 4 if fsdp and job.quant in ("nf4", "fp4") else job.base_bytes
+        embedding = shape.embedding_params * other_bytes
+        unit = max(quant_bytes / max(shape.layers, 1), embedding) if fsdp else max(largest / 2, embedding)
         return {**fixed, "4-bit base shards (1/N)": quant_bytes / n * on_device,
                 f"non-quantized weight shards, {'fp32' if other_bytes == 4 else '16-bit'} (1/N)":
                     other * other_bytes / n * on_device,
-                "one unit moved whole before sharding": unit}
+                f"one {'unit' if fsdp else 'parameter'} moved whole before sharding": unit}
     if job.quant in ("nf4", "fp4"):
         parts = {**fixed, "4-bit base, whole on every rank": quant_bytes,
                  "non-quantized weights, fp32 after k-bit preparation": other * 4,
@@ -375,7 +379,7 @@ def load_parts(shape: Shape, job: Job, quant_bytes: float, other: int, persisten
             # and its pages stay resident (file-backed; the unquantized zero-copy tensors keep the mapping)
             parts["full-precision checkpoint, memory-mapped"] = shape.total_params * shape.checkpoint_bytes
         return parts
-    if job.quant == "gptq":  # ZeRO-3 too: DeepSpeed moves the whole module to the device, then partitions
+    if job.quant == "gptq":  # one-process ZeRO-3 too: DeepSpeed moves the whole module to the device
         return {**fixed, "GPTQ base, whole on every rank": quant_bytes + other * job.base_bytes}
     full = shape.total_params * job.base_bytes
     if job.zero_stage == 3 or job.engine == "fsdp2":
@@ -383,11 +387,17 @@ def load_parts(shape: Shape, job: Job, quant_bytes: float, other: int, persisten
     return {**fixed, "base, whole on every rank": full}
 
 
+def sharded_host_load(job: Job) -> bool:
+    """A 4-bit base built in host memory on rank 0 and sent to the GPUs as shards: FSDP2, and ZeRO-3 with
+    more than one process (qlaunch.config.resolve sets rank0_load for both)."""
+    return bool(job.quant) and job.cuda and (job.engine == "fsdp2" or (job.zero_stage == 3 and job.world_size > 1))
+
+
 def load_host_parts(shape: Shape, job: Job, quant_bytes: float, other: int) -> dict:
-    """Host memory while a GPU job loads, where the base is built there (FSDP2 + 4-bit): rank 0 reads it
+    """Host memory while a GPU job loads, where the base is built there (sharded_host_load): rank 0 reads it
     whole (4-bit, with its non-quantized weights) and keeps it until every rank has its shards; the other
     ranks hold only the quantization state of the skeleton they are sent (qlaunch.model.rank0_load)."""
-    if not (job.quant and job.engine == "fsdp2" and job.cuda):
+    if not sharded_host_load(job):
         return {}
     if job.quant == "gptq":  # pre-quantized: nothing is quantized at load, and every packed tensor is a
         # parameter by the time the skeleton is taken (qlaunch.model.gptq_shard): the skeleton is ~empty

@@ -156,8 +156,8 @@ def fit_verdict(plan: dict, options: list[tuple[str, float]] | None = None) -> d
     if fitting:
         text += "; options that fit: " + ", ".join(f"{t} ({gb:.1f} GB)" for t, gb in fitting)
     elif options is not None and load_limited:
-        text += ("; more GPUs with --fsdp_config fsdp_configs/fsdp2.json (FSDP2 builds the 4-bit base in host memory "
-                 "and moves only each GPU's shard there), or a GPU with more memory")
+        text += ("; more GPUs with --fsdp_config fsdp_configs/fsdp2.json or --deepspeed ds_configs/zero3.json (both "
+                 "build the 4-bit base in host memory and move only each GPU's shard there), or a GPU with more memory")
     elif options is not None:
         text += "; no one-flag change fits: more GPUs with ZeRO-3 (--deepspeed ds_configs/zero3.json --num_gpus N) or a larger GPU"
     return {"fits": False, "over_gb": peak - memory, "text": text,

@@ -21,7 +21,8 @@ def linear4bit_storage(module) -> dict:
     weight = module.weight
     quant_state = weight.quant_state
     params = int(torch.Size(quant_state.shape).numel())
-    weight_bytes = weight.numel() * weight.element_size()
+    stored = getattr(weight, "ds_numel", None) or weight.numel()  # ZeRO-3 leaves an empty placeholder
+    weight_bytes = stored * weight.element_size()
     state_bytes = sum(t.numel() * t.element_size() for t in _state_tensors(quant_state))
     return {
         "shape": list(quant_state.shape),

@@ -6,6 +6,7 @@ qlaunch.model.lora.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -63,14 +64,34 @@ def device_map_for(quant_method: str | None, *, cuda: bool, engine: Engine, loca
     Quantized weights are placed at load time. Under DDP / ZeRO-2 each rank holds a whole copy, on
     its own GPU. Under FSDP2 a 4-bit base is built in host memory instead: fully_shard then moves one
     module at a time to the GPU and keeps only this rank's shard there (Params4bit.to carries the
-    quantization state along), so no GPU ever holds the whole quantized model. Full-precision bases
-    and ZeRO-3 (which partitions weights itself) load without a device map. A GPTQ base under FSDP2 is
-    built in host memory like NF4: its packed weights are shardable parameters once loaded."""
-    if quant_method is None or engine.zero_stage == 3:
+    quantization state along), so no GPU ever holds the whole quantized model. ZeRO-3 builds it in host
+    memory too, and qlaunch.model.zero3_init partitions it one parameter at a time onto the GPUs. A GPTQ
+    base is built in host memory like NF4: its packed weights are shardable parameters once loaded.
+    Full-precision bases load without a device map (under ZeRO-3 transformers partitions them itself)."""
+    if quant_method is None:
         return None
-    if not cuda or engine.name == "fsdp2":
+    if not cuda or engine.shards_parameters:
         return {"": "cpu"}
     return {"": local_rank}
+
+
+@contextlib.contextmanager
+def zero3_flag_hidden(hide: bool):
+    """transformers refuses any device_map while ZeRO-3 is on, so a quantized base could only go where the
+    quantizer puts it without one: the whole model on the current GPU. For a quantized base ZeRO-3 changes
+    nothing else in from_pretrained (it never builds one under deepspeed.zero.Init), so while it loads into
+    host memory (device_map_for) the flag is hidden and then restored."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    config = hf_deepspeed._hf_deepspeed_config_weak_ref() if hf_deepspeed._hf_deepspeed_config_weak_ref else None
+    if not hide or config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def load_base_model(
@@ -90,9 +111,10 @@ def load_base_model(
     }
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, **{k: v for k, v in kwargs.items() if v is not None}
-    )
+    with zero3_flag_hidden(quant_method is not None and engine.zero_stage == 3):
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path, **{k: v for k, v in kwargs.items() if v is not None}
+        )
     model.config.use_cache = False  # the KV cache is useless in training and breaks checkpointing
     if quant_method == "gptq":
         from qlaunch.model.gptq import kernel_summary, pin_training_kernels

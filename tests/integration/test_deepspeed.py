@@ -23,6 +23,7 @@ from launchkit import (
     launch,
     max_abs_diff,
 )
+from test_fsdp import rank_dumps
 from test_torchrun import assert_ranks_identical
 
 pytestmark = [pytest.mark.integration, pytest.mark.deepspeed]
@@ -132,6 +133,9 @@ def test_nf4_qlora_zero3_two_processes_matches_nf4_ddp(deepspeed_ops, launch_dem
     assert info["world_size"] == 2 and info["quant_method"] == "nf4" and info["deepspeed"] is True
     assert info["quantized_storage"]["layers"] == 14
     assert "4-bit weights stored as float32" in zero3.text
+    # rank 0 alone read the checkpoint; zero.Init partitioned it before the engine could place it whole
+    assert "ZeRO-3: " in zero3.text and "parameters partitioned across 2 ranks" in zero3.text
+    assert [d["from_pretrained_calls"] for _, d in sorted(rank_dumps(zero3).items())] == [1, 0]
     adapter = zero3.adapter()
     assert adapter and all(t.numel() > 0 for t in adapter.values())
     compare(zero3, runs["ddp"], "NF4 ZeRO-3 2 procs vs NF4 DDP 2 procs")

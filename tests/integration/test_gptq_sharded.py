@@ -5,7 +5,8 @@ so the engines shard them. Each 2-process run must form one world of 2, hold abo
 parameter bytes (packed weights included) on each rank, end with the same adapter on every rank, equal
 the 1-process run with the same global batch (dropout 0) — and every quantized layer's kernel must read,
 gathered, exactly the bytes it reads in one process, whose qweight / scales / g_idx are the checkpoint's.
-Under FSDP2 only rank 0 reads the checkpoint; resuming from a mid-run checkpoint ends bit-identical.
+Only rank 0 reads the checkpoint; under both engines resuming from a mid-run checkpoint ends
+bit-identical.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def gptq_fsdp(gptq_demo, runs_dir):
 @pytest.fixture(scope="module")
 def gptq_zero3(gptq_demo, runs_dir, deepspeed_ops):
     out = runs_dir / "gptq_zero3"
-    return launch("qlora_ds.sh", gptq_args(gptq_demo, out, GLOBAL_BATCH // 2, engine=["--deepspeed", ZERO3]),
+    return launch("qlora_ds.sh", gptq_args(gptq_demo, out, GLOBAL_BATCH // 2, *CHECKPOINTED,
+                                           engine=["--deepspeed", ZERO3]),
                   out, env=base_env(NPROC_PER_NODE=2)).check()
 
 
@@ -125,6 +127,9 @@ def test_gptq_zero3_two_processes_shard_the_packed_weights_and_equal_one(gptq_ze
     assert "ZeRO-3 with GPTQ: packed weights become frozen torch.float32 parameters" in gptq_zero3.text
     assert_ranks_identical(gptq_zero3, 2)
     assert_sharded(gptq_zero3, 2)
+    # rank 0 alone read the checkpoint; zero.Init partitioned it before the engine could place it whole
+    assert [d["from_pretrained_calls"] for _, d in sorted(rank_dumps(gptq_zero3).items())] == [1, 0]
+    assert "ZeRO-3: " in gptq_zero3.text and "parameters partitioned across 2 ranks" in gptq_zero3.text
     assert_kernels_read_the_checkpoint_bytes(gptq_zero3, gptq_single, gptq_demo["model"])
     assert_equal_to_one_process(gptq_zero3, gptq_single)
 
@@ -142,3 +147,15 @@ def test_gptq_fsdp2_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_ru
     assert "Resuming from" in run.text and "checkpoint-2" in run.text
     assert max_abs_diff(run.adapter(), gptq_fsdp.adapter()) == 0.0
     assert run.losses()[-2:] == gptq_fsdp.losses()[-2:]
+
+
+def test_gptq_zero3_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(gptq_demo, runs_dir, gptq_zero3):
+    out = runs_dir / "gptq_zero3_resumed"
+    out.mkdir()
+    shutil.copytree(gptq_zero3.out / "checkpoint-2", out / "checkpoint-2")
+    run = launch("qlora_ds.sh", gptq_args(gptq_demo, out, GLOBAL_BATCH // 2, *CHECKPOINTED, "--resume_from_checkpoint",
+                                          "auto", engine=["--deepspeed", ZERO3]),
+                 out, env=base_env(NPROC_PER_NODE=2)).check()
+    assert "Resuming from" in run.text and "checkpoint-2" in run.text
+    assert max_abs_diff(run.adapter(), gptq_zero3.adapter()) == 0.0
+    assert run.losses()[-2:] == gptq_zero3.losses()[-2:]

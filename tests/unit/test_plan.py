@@ -302,39 +302,58 @@ def test_fsdp2_shards_parameters_gradients_and_optimizer_state(tmp_path):
     assert four["memory_gb"]["load_peak"] < two["memory_gb"]["load_peak"] < ddp["memory_gb"]["load_peak"]
 
 
-def test_the_verdict_follows_the_load_phase_of_a_4bit_base(tmp_path):
-    """Llama-3-70B NF4 on 8x RTX 4090 with ZeRO-3 trains in ~16 GB per GPU, but bitsandbytes places the
-    whole 4-bit base on every GPU before ZeRO-3 shards it (+ fp32 embeddings/lm_head after k-bit
-    preparation): the plan says it does not fit, and why, and proposes FSDP2, which builds the 4-bit base
-    in host memory and moves only shards to each GPU (its load phase is a fraction of the GPU)."""
+def test_sharding_engines_load_a_4bit_base_as_shards(tmp_path):
+    """Llama-3-70B NF4 on 8x RTX 4090. Under DDP bitsandbytes places the whole 4-bit base on every GPU (+ fp32
+    embeddings/lm_head after k-bit preparation): it does not fit, and the verdict proposes the sharding
+    engines. FSDP2 and ZeRO-3 build the 4-bit base in rank 0's host memory and move only shards to each GPU
+    (qlaunch.model.rank0_load, qlaunch.model.zero3_init): their load phase is a fraction of the GPU. ZeRO-3
+    in one process still places the whole base (the engine moves the module to the device)."""
     from qlaunch.memory.fit import options_that_fit
 
     model = config_dir("meta-llama/Meta-Llama-3-70B-Instruct", str(tmp_path))
     plans = {}
-    for name, engine in (("zero3", ["--deepspeed", os.path.join(REPO, "ds_configs", "zero3.json")]),
-                         ("fsdp2", ["--fsdp_config", os.path.join(REPO, "fsdp_configs", "fsdp2.json")])):
+    zero3 = ["--deepspeed", os.path.join(REPO, "ds_configs", "zero3.json")]
+    for name, engine, n in (("ddp", [], 8), ("zero3-1", zero3, 1), ("zero3", zero3, 8),
+                            ("fsdp2", ["--fsdp_config", os.path.join(REPO, "fsdp_configs", "fsdp2.json")], 8)):
         argv = ["--config", os.path.join(REPO, "recipes", "llama3-70b-instruct-nf4-qlora.yaml"),
-                "--model_name_or_path", model, "--gpu", "RTX-4090", "--num_gpus", "8", *engine]
+                "--model_name_or_path", model, "--gpu", "RTX-4090", "--num_gpus", str(n), *engine]
         ns, settings, target, stats, _ = prepare_plan(argv)
         plans[name] = planned(ns, settings, target, stats, options_that_fit)
-    gb = plans["zero3"]["memory_gb"]
-    assert gb["training_peak"] < 24 < gb["load_peak"] == gb["per_device_peak"], gb
-    assert gb["peak_phase"] == "load" and plans["zero3"]["fit"]["fits"] is False
-    assert "loading is the limit" in plans["zero3"]["fit"]["text"]
-    assert gb["load"]["4-bit base, whole on every rank"] > 30  # ~35 GB of NF4 codes and state
-    assert [o["change"] for o in plans["zero3"]["fit"]["options"]][:1] == ["--fsdp_config fsdp_configs/fsdp2.json"]
-    assert not gb["load_host"]  # ZeRO-3 loads on the GPU
-    fs = plans["fsdp2"]["memory_gb"]
-    assert plans["fsdp2"]["fit"]["fits"] is True and fs["peak_phase"] != "load"
-    # on the GPU while loading: 1/8 of the base plus the one unit being moved (the fp32 lm_head)
-    assert fs["load"]["4-bit base shards (1/N)"] * 8 == pytest.approx(gb["load"]["4-bit base, whole on every rank"])
-    assert fs["load_peak"] < gb["load_peak"] / 4
-    # ... and the whole 4-bit base (+ fp32 non-quantized weights) in rank 0's host memory only; the other
-    # ranks hold the quantization state of the skeleton they are sent (1/64 of the weights + double quant)
-    host = fs["load_host"]
-    assert host["rank 0: 4-bit base, whole"] == pytest.approx(gb["load"]["4-bit base, whole on every rank"])
-    assert 0.02 < host["each other rank: quantization state of the skeleton"] / host["rank 0: 4-bit base, whole"] < 0.04
-    assert "host memory while loading, other ranks" in format_plan(plans["fsdp2"])
+    whole = plans["ddp"]["memory_gb"]["load"]["4-bit base, whole on every rank"]
+    assert whole > 30  # ~35 GB of NF4 codes and state
+    assert plans["ddp"]["fit"]["fits"] is False
+    assert {o["change"] for o in plans["ddp"]["fit"]["options"][:2]} == {
+        "--fsdp_config fsdp_configs/fsdp2.json", "--deepspeed ds_configs/zero3.json"}
+    assert plans["zero3-1"]["memory_gb"]["load"]["4-bit base, whole on every rank"] == pytest.approx(whole)
+    assert not plans["zero3-1"]["memory_gb"]["load_host"]
+    for name in ("zero3", "fsdp2"):
+        gb = plans[name]["memory_gb"]
+        assert plans[name]["fit"]["fits"] is True and gb["peak_phase"] != "load", (name, gb)
+        # on the GPU while loading: 1/8 of the base plus the one unit (FSDP2) / parameter (ZeRO-3) being moved
+        assert gb["load"]["4-bit base shards (1/N)"] * 8 == pytest.approx(whole)
+        assert gb["load_peak"] < whole / 3
+        # ... and the whole 4-bit base (+ fp32 non-quantized weights) in rank 0's host memory only; the other
+        # ranks hold the quantization state of the skeleton they are sent (1/64 of the weights + double quant)
+        host = gb["load_host"]
+        assert host["rank 0: 4-bit base, whole"] == pytest.approx(whole)
+        assert 0.02 < host["each other rank: quantization state of the skeleton"] / host["rank 0: 4-bit base, whole"] < 0.04
+        assert "host memory while loading, other ranks" in format_plan(plans[name])
+    # ZeRO-3 moves one parameter at a time (the bf16 embedding: 128256 x 8192 x 2 bytes), FSDP2 one unit (fp32)
+    assert plans["zero3"]["memory_gb"]["load"]["one parameter moved whole before sharding"] == pytest.approx(
+        128256 * 8192 * 2 / 2**30)
+    assert plans["zero3"]["memory_gb"]["load_peak"] < plans["fsdp2"]["memory_gb"]["load_peak"]
+
+
+def test_a_load_limited_verdict_says_so_and_names_the_sharding_engines():
+    from qlaunch.memory.fit import fit_verdict
+
+    plan = {"device": {"memory_gb": 24.0, "name": "RTX-4090"}, "world_size": 8, "quantization": "nf4",
+            "memory_gb": {"per_device_peak": 41.8, "peak_phase": "load", "load_peak": 41.8}}
+    verdict = fit_verdict(plan, options=[])
+    assert verdict["fits"] is False and "loading is the limit" in verdict["text"] and "41.8 GB" in verdict["text"]
+    assert "--fsdp_config fsdp_configs/fsdp2.json or --deepspeed ds_configs/zero3.json" in verdict["text"]
+    trained = fit_verdict({**plan, "memory_gb": {**plan["memory_gb"], "peak_phase": "loss"}}, options=[])
+    assert "loading is the limit" not in trained["text"]
 
 
 def test_engine_changes_are_fit_options_only_with_several_gpus():
@@ -388,9 +407,8 @@ def test_a_cpu_4bit_load_counts_the_mapped_checkpoint(demo):
 def test_a_gptq_base_shards_under_zero3_and_fsdp2(tmp_path):
     """Qwen-72B-Chat-Int4 Q-LoRA at 2048 tokens (its recipe): one GPU needs ~61 GB (Qwen's A100-80GB cells are
     the N = 1 check, tests/unit/memory/test_plan_validation.py). Under ZeRO-3 and FSDP2 every rank holds 1/N
-    of the packed weights (qlaunch.model.gptq_shard). ZeRO-3 still loads the whole base on each GPU
-    (DeepSpeed moves the module to the device before partitioning): it fits 4x A100-40GB at load, not
-    8x RTX 4090, where the verdict proposes FSDP2, which builds the base in rank 0's host memory."""
+    of the packed weights (qlaunch.model.gptq_shard), and both build the base in rank 0's host memory and
+    move only shards to the GPUs (qlaunch.model.zero3_init, qlaunch.model.rank0_load): both fit."""
     from qlaunch.memory.fit import options_that_fit
 
     model = config_dir("Qwen/Qwen-72B-Chat-Int4", str(tmp_path))
@@ -412,13 +430,7 @@ def test_a_gptq_base_shards_under_zero3_and_fsdp2(tmp_path):
             gb = plans[gpu, name]["memory_gb"]
             assert gb["persistent"]["base weights"] * n == pytest.approx(ddp["persistent"]["base weights"])
             assert gb["training_peak"] < 24
-        fs = plans[gpu, "fsdp2"]["memory_gb"]
-        assert plans[gpu, "fsdp2"]["fit"]["fits"] is True
-        assert fs["load"]["4-bit base shards (1/N)"] * n == pytest.approx(
-            plans[gpu, "zero3"]["memory_gb"]["load"]["GPTQ base, whole on every rank"], rel=0.15)
-        assert set(fs["load_host"]) == {"rank 0: 4-bit base, whole", "rank 0: non-quantized weights, 16-bit"}
-    assert plans["A100-40GB", "zero3"]["fit"]["fits"] is True
-    assert plans["RTX-4090", "zero3"]["fit"]["fits"] is False
-    assert "loading is the limit" in plans["RTX-4090", "zero3"]["fit"]["text"]
-    assert [o["change"] for o in plans["RTX-4090", "zero3"]["fit"]["options"]][:1] == \
-        ["--fsdp_config fsdp_configs/fsdp2.json"]
+            assert plans[gpu, name]["fit"]["fits"] is True
+            assert gb["load"]["4-bit base shards (1/N)"] * n == pytest.approx(
+                plans[gpu, "ddp"]["memory_gb"]["load"]["GPTQ base, whole on every rank"], rel=0.15)
+            assert set(gb["load_host"]) == {"rank 0: 4-bit base, whole", "rank 0: non-quantized weights, 16-bit"}

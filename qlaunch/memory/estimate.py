@@ -201,9 +201,10 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
     fsdp = job.engine == "fsdp2"
     n = max(job.world_size, 1)
     # FSDP2 (full shard) holds 1/N of every parameter, gradient and optimizer state; with CPU offload
-    # the shards live in host memory and only the gathered units come to the device.
+    # the shards live in host memory and only the gathered units come to the device. ZeRO-3's
+    # offload_param does the same for its parameter partitions (base and 16-bit trainables).
     shard = 1 / n if fsdp else 1.0
-    on_device = 0.0 if (fsdp and job.offload_params) else 1.0
+    on_device = 0.0 if (job.offload_params and (fsdp or job.zero_stage == 3)) else 1.0
 
     # Base weights. Non-quantized parameters (embeddings, lm_head, norms, biases): peft's
     # prepare_model_for_kbit_training upcasts them to fp32 for bnb, not for GPTQ (peft skips it);
@@ -241,7 +242,7 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
         # ZeRO (mixed precision): 16-bit params (partitioned at stage 3), 16-bit grads (partitioned
         # from stage 2), fp32 master + two fp32 moments (12 bytes, partitioned from stage 1) and the
         # fp32 gradient partition at the step; offload moves the fp32 part to CPU memory.
-        p["trainable parameters (16-bit)"] = 2 * trainable * (1 / n if job.zero_stage == 3 else 1)
+        p["trainable parameters (16-bit)"] = 2 * trainable * (1 / n * on_device if job.zero_stage == 3 else 1)
         p["gradients"] = 2 * trainable * (1 / n if job.zero_stage >= 2 else 1)
         state, step = (0.0, 0.0) if job.offload_optimizer else (12 * trainable / n, 4 * trainable / n)
         p["optimizer state (fp32 master + moments)"] = state

@@ -298,6 +298,13 @@ def test_fsdp2_shards_parameters_gradients_and_optimizer_state(tmp_path):
                                 "--num_gpus", "2"])
     assert offload["memory_gb"]["persistent"]["base weights"] == 0  # shards in host memory
     assert offload["memory_gb"]["training_peak"] < two["memory_gb"]["training_peak"]
+    # ZeRO-3's offload_param keeps the parameter partitions (base and 16-bit trainables) in host memory too
+    zero3, zero3_offload = (plan_json(base + ["--deepspeed", os.path.join(REPO, "ds_configs", name), "--num_gpus", "2"])
+                            for name in ("zero3.json", "zero3_offload.json"))
+    z, zo = zero3["memory_gb"]["persistent"], zero3_offload["memory_gb"]["persistent"]
+    assert z["base weights"] > 0 and z["trainable parameters (16-bit)"] > 0
+    assert zo["base weights"] == 0 and zo["trainable parameters (16-bit)"] == 0
+    assert zero3_offload["memory_gb"]["training_peak"] < zero3["memory_gb"]["training_peak"]
     # a full-precision base loads partitioned (ZeRO-3's zero.Init; FSDP2 via host memory): 1/N at load
     assert four["memory_gb"]["load_peak"] < two["memory_gb"]["load_peak"] < ddp["memory_gb"]["load_peak"]
 

@@ -1,8 +1,8 @@
 """What each rank holds under FSDP2 and ZeRO-3, measured, beside the plan's per-device numbers.
 
-    python bench/sharding.py [--quick] [--quant nf4|gptq]
+    python bench/sharding.py [--quick] [--quant nf4|gptq] [--steps N]
 
-A ~300M-parameter random Llama (built locally; weights dominate) trains Q-LoRA for 2 steps under
+A ~300M-parameter random Llama (built locally; weights dominate) trains Q-LoRA for 2 steps (--steps) under
 FSDP2 and ZeRO-3 with N = 2 and 4 CPU processes — on its NF4 quantization (bitsandbytes, at load), or
 with `--quant gptq` on our own GPTQ Int4 checkpoint of it (`python -m qlaunch.quantize`, ~3 min here),
 whose packed weights the engines shard as parameters (qlaunch/model/gptq_shard.py); torchrun through
@@ -14,7 +14,7 @@ flags and world size (this CPU: the load phase, which here includes the memory-m
 and the per-process peak = the larger of load and training).
 With `--quant gptq` each world size is also run in one process with the same global batch: the
 per-step losses and the adapter are compared (`loss rtol`, `adapter rtol`, relative to the largest).
-`--quick`: N = 2 only. Prints a table, writes bench/results/sharding[_gptq].json. Nothing else may run
+`--quick`: N = 2 only. Prints a table, writes bench/results/sharding[_gptq][_n2][_Nsteps].json. Nothing else may run
 meanwhile (two OpenMP threads on two cores wait for each other).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ RANDOM_300M = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2
                    num_key_value_heads=16)
 ENGINES = {"FSDP2": ["--fsdp", os.path.join(REPO, "fsdp_configs", "fsdp2.json")],
            "ZeRO-3": ["--deepspeed", os.path.join(REPO, "ds_configs", "zero3.json")]}
-TRAIN = ["--max_steps", "2", "--model_max_length", "256", "--per_device_train_batch_size", "1", "--lora_r", "16",
+TRAIN = ["--model_max_length", "256", "--per_device_train_batch_size", "1", "--lora_r", "16",
          "--lora_dropout", "0", "--save_strategy", "no", "--logging_steps", "1", "--report_to", "none"]
 GiB = 1024**3
 
@@ -56,27 +56,31 @@ def build_model(root: str, quant: str = "nf4") -> tuple[str, str]:
     return model, demo["train"]
 
 
-def planned(model: str, data: str, engine: str, n: int) -> dict:
+def train_flags(steps: int) -> list[str]:
+    return ["--max_steps", str(steps), *TRAIN]
+
+
+def planned(model: str, data: str, engine: str, n: int, steps: int) -> dict:
     flags = ENGINES[engine]
     engine_flag = ["--fsdp_config", flags[1]] if engine == "FSDP2" else flags
     proc = subprocess.run([sys.executable, "-m", "qlaunch.plan", "--config", os.path.join(REPO, "recipes", "qlora-default.yaml"),
-                           "--model_name_or_path", model, "--q_lora", *engine_flag, *TRAIN, "--num_gpus", str(n),
+                           "--model_name_or_path", model, "--q_lora", *engine_flag, *train_flags(steps), "--num_gpus", str(n),
                            "--json"], capture_output=True, text=True, cwd=REPO)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
     return json.loads(proc.stdout)["memory_gb"]
 
 
-def train(model: str, data: str, engine: str | None, n: int, work: str):
+def train(model: str, data: str, engine: str | None, n: int, work: str, steps: int):
     from launchkit import base_env, launch
 
     if engine is None:  # one process, the same global batch
         out = os.path.join(work, f"single-{n}")
-        args = ["-m", model, "-d", data, "-o", out, "--", *TRAIN, "--per_device_train_batch_size", str(n)]
+        args = ["-m", model, "-d", data, "-o", out, "--", *train_flags(steps), "--per_device_train_batch_size", str(n)]
         run = launch("qlora_single_gpu.sh", args, out, timeout=3600)
     else:
         out = os.path.join(work, f"{engine}-{n}")
-        run = launch("qlora_ds.sh", [*ENGINES[engine], "-m", model, "-d", data, "-o", out, "--", *TRAIN],
+        run = launch("qlora_ds.sh", [*ENGINES[engine], "-m", model, "-d", data, "-o", out, "--", *train_flags(steps)],
                      out, env=base_env(NPROC_PER_NODE=n), timeout=3600)
     if run.returncode != 0:
         raise RuntimeError(run.tail())
@@ -112,6 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--quant", choices=("nf4", "gptq"), default="nf4")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per run (default 2)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="qlaunch-sharding-")
     try:
@@ -120,14 +125,14 @@ def main() -> None:
                                 RANDOM_300M["hidden_size"] ** 2)  # fp32-stored 4-bit codes: an upper bound
         results = []
         for n in ((2,) if args.quick else (2, 4)):
-            single = train(model, data, None, n, work) if args.quant == "gptq" else None
+            single = train(model, data, None, n, work, args.steps) if args.quant == "gptq" else None
             for engine in ENGINES:
-                plan = planned(model, data, engine, n)
-                run = train(model, data, engine, n, work)
+                plan = planned(model, data, engine, n, args.steps)
+                run = train(model, data, engine, n, work, args.steps)
                 equal = equality(run, single) if single else {}
                 for row in measure(run):
                     share = row["local_param_bytes"] / row["full_param_bytes"] if row["full_param_bytes"] else None
-                    results.append({"engine": engine, **row, "share": share,
+                    results.append({"engine": engine, "steps": args.steps, **row, "share": share,
                                     "within_1_over_n_plus_a_layer": (row["local_param_bytes"]
                                                                      <= row["full_param_bytes"] / n + largest_layer),
                                     "plan_load_gib": plan["load_peak"], "plan_training_gib": plan["training_peak"],
@@ -144,7 +149,8 @@ def main() -> None:
                   f"{r['rss_peak_gib'] / r['plan_peak_gib']:>5.2f}"
                   + (f" {r['loss_rtol']:>9.2g} {r['adapter_rtol']:>12.2g}" if "loss_rtol" in r else ""))
         os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-        name = "sharding.json" if args.quant == "nf4" else f"sharding_{args.quant}.json"
+        name = "sharding" + ("" if args.quant == "nf4" else f"_{args.quant}")  # a partial run keeps the full one
+        name += ("_n2" if args.quick else "") + (f"_{args.steps}steps" if args.steps != 2 else "") + ".json"
         with open(os.path.join(REPO, "bench", "results", name), "w") as f:
             json.dump(results, f, indent=2)
     finally:

@@ -8,6 +8,7 @@ the .sbatch files keep only SLURM's lines (the #SBATCH header, srun, the signal 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -77,6 +78,10 @@ def make_parser(method: str = "qlora", mode: str = "dist", prog: str | None = No
                              f"{'ds_configs/zero2.json' if mode != 'single' else 'none'})")
     parser.add_argument("--fsdp", metavar="CONFIG",
                         help="FSDP2 JSON (fsdp_configs/fsdp2[_offload].json): shard the model with FSDP2, no DeepSpeed")
+    parser.add_argument("--engine", choices=("auto",),
+                        help="auto: the cheapest engine whose planned memory fits this machine's GPUs (DDP, ZeRO-2, "
+                             "ZeRO-3, FSDP2, then their offload variants: python -m qlaunch.plan --engine auto); "
+                             "needs a local model directory")
     parser.add_argument("-o", "--output_dir", "--output-dir", dest="output_dir", metavar="DIR",
                         help=f"adapter, checkpoints and report (default: output_{method}, or the recipe's with -c)")
     parser.add_argument("--method", choices=tuple(METHODS), default=method, help=argparse.SUPPRESS)
@@ -119,6 +124,51 @@ def parse(argv: list[str], method: str = "qlora", mode: str = "dist") -> argpars
     args.finetune_args = extra
     return args
 
+def auto_engine(args: argparse.Namespace, env: dict, facts, target=None) -> str:
+    """--engine auto: plan this job for the world size the command starts, on this machine's GPU (target:
+    tests pass GPU facts), and set args.deepspeed / args.fsdp to the cheapest engine that fits. Returns the
+    note saying what was chosen and why. Raises LaunchError when nothing fits or the job cannot be planned."""
+    from qlaunch.cluster.plan import checkout_file, finetune_argv, world_size_of
+    from qlaunch.config.errors import UsageError
+    from qlaunch.memory.fit import choose_engine, engine_choice_text
+    from qlaunch.memory.planner import detected_target
+    from qlaunch.memory.prepare import prepare_plan
+
+    given = [f for f in ("--deepspeed", "--fsdp_config") if f in args.finetune_args]
+    if args.deepspeed not in (None, "none") or args.fsdp or given:
+        raise LaunchError("--engine auto chooses the engine: drop --deepspeed / --fsdp" +
+                          (f" (and {' '.join(given)} after --)" if given else "") + ", or drop --engine auto.")
+    nproc, nnodes = world_size_of(args, env, facts)
+    target = dataclasses.replace(target or detected_target({"WORLD_SIZE": "1"}), num_gpus=nproc, num_nodes=nnodes)
+    argv = finetune_argv(args, env, None, None)[1:]  # finetune.py's flags, without the script
+    if "--data_path" in argv:  # planned without the data: tokenizing a large dataset is finetune.py's job, and
+        at = argv.index("--data_path")  # without its statistics the plan counts every position (the upper bound)
+        argv = argv[:at] + argv[at + 2:]
+    try:
+        ns, settings, _, stats, _ = prepare_plan(argv, target)
+        choice, choices, _ = choose_engine(ns, settings, target, stats)
+    except UsageError as e:
+        raise LaunchError([f"--engine auto: {p}" for p in e.problems]) from None
+    text = engine_choice_text(choice, choices, target)
+    if choice is None:
+        raise LaunchError(text)
+    flag, _, config = choice["flag"].partition(" ")
+    path = checkout_file(*config.split("/")) if config else None
+    if config and path is None:
+        raise LaunchError(f"{text}, but {config} is not here (a pip install without the checkout): pass it yourself")
+    args.deepspeed, args.fsdp = (path, None) if flag == "--deepspeed" else ("none", path)
+    return text
+
+
+def launch_plan_for(args: argparse.Namespace, env: dict, facts, python: str, target=None):
+    """The launch plan; with --engine auto, for the engine chosen (its note first)."""
+    chosen = auto_engine(args, env, facts, target) if args.engine == "auto" else None
+    launch_plan = plan(args, env, facts, python)
+    if chosen:
+        launch_plan.notes.insert(0, chosen)
+    return launch_plan
+
+
 def note(message: str) -> None:
     print(f"[qlaunch {time.strftime('%Y-%m-%d %H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -131,7 +181,7 @@ def main(argv: list[str] | None = None, method: str = "qlora", mode: str = "dist
             make_parser(args.method, args.mode).print_help()
             sys.exit(0)
         python = env.get("PYTHON") or sys.executable
-        launch_plan = plan(args, env, detect_facts(env, args.mode), python)
+        launch_plan = launch_plan_for(args, env, detect_facts(env, args.mode), python)
     except LaunchError as e:
         parser = make_parser(*method_and_mode(argv, method, mode))
         print("\n".join(f"{parser.prog}: {p}" for p in e.problems), file=sys.stderr)

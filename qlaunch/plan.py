@@ -4,6 +4,8 @@ The same flags as finetune.py (parsed by qlaunch.config.arguments, resolved by q
 facts of the GPU planned for, so precision follows the training rules), plus:
   --gpu NAME | --gpu_memory_gb N --gpu_capability X.Y    the GPU (default: this machine)
   --num_gpus N --num_nodes N                             the world size (ZeRO partitions by it)
+  --engine auto                                          choose the cheapest engine that fits (DDP, ZeRO-2,
+                                                         ZeRO-3, FSDP2, then their offload variants) and plan it
   --json                                                 one JSON object on stdout
 Reads only config.json (as JSON: no remote code, no weights; a tokenizer only with --data_path).
 The memory model is qlaunch.memory (planner, estimate); the fit verdict's options come from
@@ -12,68 +14,12 @@ finetune.py --dry_run prints the same plan for the machine it runs on.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from qlaunch.config.errors import UsageError
-from qlaunch.memory.fit import options_that_fit, planned
-from qlaunch.memory.planner import Target, detected_target, format_plan, token_stats
-
-PLAN_ONLY_PREFIX = "--data_path is required"  # planning needs no data
-
-
-def plan_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    p.add_argument("--gpu")
-    p.add_argument("--gpu_memory_gb", type=float)
-    p.add_argument("--gpu_capability")
-    p.add_argument("--num_gpus", type=int, default=1)
-    p.add_argument("--num_nodes", type=int, default=1)
-    p.add_argument("--json", action="store_true")
-    return p
-
-
-def target_from(opts) -> Target:
-    from qlaunch.memory.gpus import custom_gpu, find_gpu, machine_for
-
-    if opts.num_gpus < 1 or opts.num_nodes < 1:
-        raise UsageError(f"--num_gpus {opts.num_gpus} --num_nodes {opts.num_nodes}: both must be at least 1.")
-    if opts.gpu and (opts.gpu_memory_gb is not None or opts.gpu_capability):
-        raise UsageError("--gpu NAME or --gpu_memory_gb N --gpu_capability X.Y: pass one of them.")
-    if opts.gpu:
-        device = find_gpu(opts.gpu)
-    elif opts.gpu_memory_gb is not None or opts.gpu_capability:
-        device = custom_gpu(opts.gpu_memory_gb, opts.gpu_capability)
-    else:
-        detected = detected_target({"WORLD_SIZE": "1"})
-        return Target(detected.machine, detected.memory_bytes, detected.name, opts.num_gpus, opts.num_nodes)
-    return Target(machine_for(device, opts.num_gpus), device.memory_bytes, device.name, opts.num_gpus,
-                  opts.num_nodes)
-
-
-def prepare_plan(argv: list[str]):
-    """(args, settings, target, stats): finetune.py's parser and rules, for the target GPU."""
-    from qlaunch.config.arguments import parse_namespace
-    from qlaunch.config.checkpoint import require_library
-    from qlaunch.config.resolve import resolve
-    from qlaunch.config.validate import check_arguments
-
-    opts, rest = plan_parser().parse_known_args(argv)
-    target = target_from(opts)
-    ns = parse_namespace(rest)
-    ns.dry_run = True  # a config-only directory (no weights) is what planning needs
-    problems = [p for p in check_arguments(ns) if not p.startswith(PLAN_ONLY_PREFIX)]
-    settings = resolve(ns, target.machine, env={"WORLD_SIZE": str(target.world_size)})
-    missing = require_library(settings.quant_method)  # planning does not load: libraries not needed here
-    problems += [p for p in settings.problems if p != missing]
-    if problems:
-        raise UsageError(problems)
-    for key, value in settings.overrides().items():  # what training would run with (q_lora → use_lora …)
-        if hasattr(ns, key) and key not in ("fp16", "bf16", "tf32"):
-            setattr(ns, key, value)
-    stats = token_stats(ns) if ns.data_path else None
-    return ns, settings, target, stats, opts
-
+from qlaunch.memory.fit import choose_engine, engine_choice_text, options_that_fit, planned
+from qlaunch.memory.planner import format_plan
+from qlaunch.memory.prepare import plan_parser, prepare_plan, target_from  # noqa: F401  (tests, README)
 
 def main(argv=None) -> None:
     import json
@@ -84,7 +30,13 @@ def main(argv=None) -> None:
         sys.exit(0)
     try:
         ns, settings, target, stats, opts = prepare_plan(argv)
+        choice_text = None
+        if opts.engine == "auto":
+            choice, choices, ns = choose_engine(ns, settings, target, stats)
+            choice_text = engine_choice_text(choice, choices, target)
         plan = planned(ns, settings, target, stats, options_that_fit)
+        if choice_text:
+            plan["engine_choice"] = {"chosen": choice, "tried": choices, "text": choice_text}
     except UsageError as e:
         print(e.render("qlaunch.plan"), file=sys.stderr)
         sys.exit(2)
@@ -94,6 +46,8 @@ def main(argv=None) -> None:
         for note in settings.notes:
             print(f"[qlaunch] {note}", file=sys.stderr)
         print(format_plan(plan))
+        if choice_text:
+            print(choice_text)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,16 @@ def engine_configs(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return (None if deepspeed == "none" else deepspeed), None
 
 
+def world_size_of(args: argparse.Namespace, env: dict, facts: Facts) -> tuple[int, int]:
+    """(processes per node, nodes) the command will start (what --engine auto plans for)."""
+    if args.mode == "single":
+        return 1, 1
+    nproc, _ = processes_per_node(env, facts, args.mode)
+    if args.mode == "slurm":
+        return nproc, int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    return nproc, positive("NNODES", env.get("NNODES") or "1")
+
+
 def plan(args: argparse.Namespace, env: dict, facts: Facts, python: str = sys.executable) -> LaunchPlan:
     """The command to exec for these flags, environment and machine. Raises LaunchError."""
     from qlaunch.config.environment import LAUNCH_VARIABLES, integer_variable_problems
@@ -85,7 +95,11 @@ def plan(args: argparse.Namespace, env: dict, facts: Facts, python: str = sys.ex
     ft = finetune_argv(args, env, deepspeed, fsdp)
     restarts = int(env.get("MAX_RESTARTS") or 0)  # the domains above were checked
     ds = (deepspeed or "none") + (f" fsdp={fsdp}" if fsdp else "")
+    return plan_for_mode(args, env, facts, python, ft, restarts, ds)
 
+
+def plan_for_mode(args, env: dict, facts: Facts, python: str, ft: list[str], restarts: int, ds: str) -> LaunchPlan:
+    """The command for the launch mode: python alone, srun + torchrun (SLURM) or torchrun."""
     if args.mode == "single":
         out = LaunchPlan([python, *ft])
         if facts.gpus > 1 and not env.get("CUDA_VISIBLE_DEVICES"):

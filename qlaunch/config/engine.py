@@ -15,6 +15,8 @@ class Engine:
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False
+    # ZeRO-3 keeps a gathered parameter when it is used again within this many elements of the module trace
+    reuse_distance: int = 1_000_000_000  # stage3_max_reuse_distance (DeepSpeed's default)
 
     @property
     def shards_parameters(self) -> bool:
@@ -51,8 +53,11 @@ def engine_of(deepspeed=None, fsdp_config=None) -> Engine:
         return Engine("fsdp2", offload_optimizer=offload, offload_params=offload)
     if deepspeed:
         ds = read_json_config(deepspeed)
-        offload_params = ((ds.get("zero_optimization") or {}).get("offload_param") or {}).get("device")
-        return Engine("deepspeed", zero_stage(ds), offloads_optimizer(ds), offload_params in ("cpu", "nvme"))
+        zero = ds.get("zero_optimization") or {}
+        offload_params = (zero.get("offload_param") or {}).get("device")
+        reuse = zero.get("stage3_max_reuse_distance", Engine.reuse_distance)
+        return Engine("deepspeed", zero_stage(ds), offloads_optimizer(ds), offload_params in ("cpu", "nvme"),
+                      int(reuse) if str(reuse).isdigit() else Engine.reuse_distance)
     return Engine()
 
 

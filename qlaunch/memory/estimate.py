@@ -60,6 +60,7 @@ class Job:
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False
+    reuse_distance: int = 1_000_000_000  # ZeRO-3's stage3_max_reuse_distance, in elements
     world_size: int = 1
     cuda: bool = True
 
@@ -281,12 +282,18 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
     lm_head_copy = shape.embedding_params * c if (kbit and not deepspeed and c < 4) else 0
     # current + prefetched decoder block, gathered as stored: a 4-bit base's blocks stay packed (NF4 codes
     # in their float storage, GPTQ's packed tensors viewed as floats: qlaunch.model.gptq_shard). ZeRO-3 +
-    # NF4 keeps the 16-bit block it was planned with: its published cells measure above the plan already
-    # (DeepSpeed's resident small parameters and prefetch buckets are not modelled), so this term stays.
+    # NF4 keeps the 16-bit block it was planned with (its published cells measured above the plan; the small
+    # persistent parameters and the prefetch bucket are not modelled), or the reuse window below if larger.
     block_packed = block_nf4 if kbit else (quant / max(layers, 1) if job.quant == "gptq" else None)
     zero3_gather = 0
     if job.zero_stage == 3:
         zero3_gather = 2 * (block_packed if job.quant == "gptq" else shape.block_weights * 2)
+        # DeepSpeed releases a gathered parameter after its module only when the module trace does not use it
+        # again within stage3_max_reuse_distance elements (partitioned_param_coordinator, __params_to_release):
+        # at the turn from forward to backward the last blocks stay gathered, up to that many elements of the
+        # model as ZeRO-3 stores it (the compute dtype; 4-bit codes packed into it).
+        stored_elements = (base / c if job.use_lora else shape.total_params) + trainable
+        zero3_gather = max(zero3_gather, min(job.reuse_distance, stored_elements) * c)
     if fsdp:
         block_stored = ((block_packed if block_packed is not None else shape.block_weights * job.base_bytes)
                         + (lora * 4 / max(layers, 1) if job.use_lora else 0))

@@ -15,6 +15,10 @@ from qlaunch.memory.shape import model_shape
 
 EXIT_CODE = 3
 MIN_LENGTH = 256
+# A plan is said to fit when its peak is within this share of the device: allocator fragmentation and
+# what the model does not count (kernels' workspaces) take the rest. The verdict, its options, the
+# engine chooser and the out-of-memory advice all use it.
+HEADROOM = 0.95
 
 
 def _value(x):
@@ -30,9 +34,73 @@ ENGINES = (
 )
 
 
+# What --engine auto chooses from, cheapest first (what each costs beyond memory): DDP replicates the
+# model and only all-reduces gradients; ZeRO-2 also partitions gradients and optimizer state; ZeRO-3 and
+# FSDP2 gather every block in every forward and backward (ZeRO-3 first: it keeps the non-quantized weights
+# in the compute dtype where FSDP2 keeps fp32); offload adds host<->device copies every step. One process
+# has no engine to shard with, only ZeRO-3's offload to the host.
+AUTO_ENGINES = (
+    ("DDP", "", {"deepspeed": None, "fsdp_config": None}),
+    ("ZeRO-2", "--deepspeed ds_configs/zero2.json", {"deepspeed": {"zero_optimization": {"stage": 2}},
+                                                     "fsdp_config": None}),
+    ("ZeRO-3", *ENGINES[0]),
+    ("FSDP2", *ENGINES[1]),
+    ("ZeRO-3 + offload", "--deepspeed ds_configs/zero3_offload.json",
+     {"deepspeed": {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                          "offload_param": {"device": "cpu"}}}, "fsdp_config": None}),
+    ("FSDP2 + CPU offload", *ENGINES[2]),
+)
+ONE_PROCESS_ENGINES = ("DDP", "ZeRO-3 + offload")
+
+
+def engine_choices(args, settings, target, shape, stats) -> list[dict]:
+    """Every engine --engine auto may choose for this world size, cheapest first, re-planned: label, the
+    flag that selects it, the per-device peak and whether it fits (None: no device limit known)."""
+    limit = target.memory_bytes / GiB * HEADROOM if target.memory_bytes else None
+    out = []
+    for label, flag, overrides in AUTO_ENGINES:
+        if target.world_size == 1 and label not in ONE_PROCESS_ENGINES:
+            continue
+        plan = compute(replanned_args(args, overrides), settings, target, shape, stats)
+        peak = plan["memory_gb"]["per_device_peak"]
+        out.append({"engine": label if target.world_size > 1 or label != "DDP" else "one process", "flag": flag,
+                    "per_device_peak": peak, "fits": None if limit is None else peak <= limit})
+    return out
+
+
+def cheapest_engine(choices: list[dict]) -> dict | None:
+    """The first engine that fits; without a device limit (CPU) the cheapest; None when none fits."""
+    return next((c for c in choices if c["fits"] is not False), None)
+
+
+def choose_engine(args, settings, target, stats) -> tuple[dict | None, list[dict], object]:
+    """(the cheapest engine that fits, every engine tried, args re-planned with the choice — or args as
+    they are when none fits)."""
+    shape = model_shape(read_config(args.model_name_or_path))
+    choices = engine_choices(args, settings, target, shape, stats)
+    choice = cheapest_engine(choices)
+    if choice is None:
+        return None, choices, args
+    overrides = next(o for label, flag, o in AUTO_ENGINES if flag == choice["flag"])
+    return choice, choices, replanned_args(args, overrides)
+
+
+def engine_choice_text(choice: dict | None, choices: list[dict], target) -> str:
+    where = f"{target.world_size}x {target.name or 'device'}"
+    tried = ", ".join(f"{c['engine']} {c['per_device_peak']:.1f} GB" for c in choices)
+    if choice is None:
+        return f"--engine auto: no engine fits {where} (per device: {tried}); more GPUs, a larger GPU or a smaller job"
+    if choice["fits"] is None:
+        return f"--engine auto: {choice['engine']} (no device memory limit known here: the cheapest engine)"
+    cheaper = [c for c in choices[:choices.index(choice)]]
+    why = (" (" + ", ".join(f"{c['engine']} needs {c['per_device_peak']:.1f}" for c in cheaper) + ")") if cheaper else ""
+    return (f"--engine auto: {choice['engine']}{' ' + choice['flag'] if choice['flag'] else ''}, "
+            f"{choice['per_device_peak']:.1f} GB per device on {where}; the cheapest that fits{why}")
+
+
 def candidate_changes(args, world_size: int = 1, quant_method: str | None = None) -> list[tuple[str, dict]]:
     """One-setting changes that lower memory, as (flag text, flag overrides). With several GPUs, the
-    sharding engines too (not for GPTQ, which neither ZeRO-3 nor FSDP2 shards)."""
+    sharding engines too."""
     changes = []
     batch, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     if batch > 1:
@@ -100,7 +168,7 @@ def mildest_of_each_kind(replans: list[tuple[str, float]]) -> list[tuple[str, fl
 def options_that_fit(args, settings, target, shape, stats) -> list[tuple[str, float]]:
     """The re-planned changes that fit the target's memory: the mildest change of each kind
     (the longest --model_max_length, the largest batch), at most four."""
-    limit = (target.memory_bytes or 0) / GiB
+    limit = (target.memory_bytes or 0) / GiB * HEADROOM
     fitting = mildest_of_each_kind([(text, gb) for text, gb in replan_all(args, settings, target, shape, stats)
                                     if gb <= limit])
     return sorted(fitting, key=lambda x: -x[1])[:4]
@@ -120,7 +188,7 @@ def oom_report(config, error: BaseException, device_bytes: int | None) -> str:
         lines.append(f"Device memory: {device_bytes / GiB:.1f} GB.")
     replans = replan_all(args, config.settings, target, shape, None)
     if device_bytes:  # the mildest change of each kind that fits
-        replans = [(text, gb) for text, gb in replans if gb * GiB < 0.95 * device_bytes] or replans
+        replans = [(text, gb) for text, gb in replans if gb * GiB <= HEADROOM * device_bytes] or replans
     options = sorted((gb, text) for text, gb in mildest_of_each_kind(replans))
     if options:
         lines.append("Options, re-planned (estimate per process):")
@@ -144,11 +212,13 @@ def fit_verdict(plan: dict, options: list[tuple[str, float]] | None = None) -> d
         return {"fits": None, "text": f"peak {peak:.1f} GB of live memory per process (CPU: no device limit "
                 "planned; glibc keeps freed memory, so peak RSS can be higher unless MALLOC_MMAP_THRESHOLD_=131072)"}
     where = f"{plan['world_size']}x {plan['device']['name']}"
-    if peak <= memory:
+    if peak <= memory * HEADROOM:
         return {"fits": True, "spare_gb": memory - peak,
                 "text": f"fits on {where} with {memory - peak:.1f} GB to spare ({peak:.1f} of {memory:.1f} GB)"}
-    fitting = [(text, gb) for text, gb in (options or []) if gb <= memory]
-    text = f"does not fit: {peak:.1f} GB > {memory:.1f} GB"
+    fitting = [(text, gb) for text, gb in (options or []) if gb <= memory * HEADROOM]
+    text = (f"does not fit: {peak:.1f} GB > {memory:.1f} GB" if peak > memory else
+            f"does not fit: {peak:.1f} GB leaves less than {100 - HEADROOM * 100:.0f}% of {memory:.1f} GB "
+            "for what the plan does not count (allocator fragmentation, kernel workspaces)")
     load_limited = plan["memory_gb"]["peak_phase"] == "load" and plan["quantization"] in ("nf4", "fp4", "gptq")
     if load_limited:
         text += (f"; loading is the limit: the 4-bit base is placed whole on every GPU "
@@ -177,7 +247,7 @@ def planned(args, settings, target: Target, stats, options_fn=None) -> dict:
     shape = model_shape(read_config(args.model_name_or_path))
     plan = compute(args, settings, target, shape, stats)
     options = None
-    if target.memory_bytes and plan["memory_gb"]["per_device_peak"] * GiB > target.memory_bytes and options_fn:
+    if target.memory_bytes and plan["memory_gb"]["per_device_peak"] * GiB > target.memory_bytes * HEADROOM and options_fn:
         options = options_fn(args, settings, target, shape, stats)
     plan["fit"] = fit_verdict(plan, options)
     return plan

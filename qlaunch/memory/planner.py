@@ -136,6 +136,7 @@ def build_job(args, settings, target: Target, seq_len: int, logits_share: float 
         zero_stage=engine.zero_stage,
         offload_optimizer=engine.offload_optimizer,
         offload_params=engine.offload_params,
+        reuse_distance=engine.reuse_distance,
         world_size=target.world_size,
         cuda=bool(target.machine.cuda),
     )

@@ -147,5 +147,8 @@ def test_zero3_with_gptq_shards_the_packed_weights(demo, tmp_path):
     from qlaunch.config.resolve import resolve
 
     settings = resolve(ns, CPU, env={"WORLD_SIZE": "2"})  # not prepare(): its ZeRO-3 config would outlive the test
-    assert settings.shard_gptq and not settings.rank0_load  # ZeRO-3: every rank still loads
+    # ZeRO-3 with 2 processes: rank 0 loads, zero.Init partitions (qlaunch.model.zero3_init); qlaunch scatters nothing
+    assert settings.shard_gptq and settings.rank0_load and settings.zero3_init and not settings.rank0_scatter
+    alone = resolve(ns, CPU, env={"WORLD_SIZE": "1"})  # one process: the engine places the model itself
+    assert alone.shard_gptq and not alone.rank0_load and not alone.zero3_init
     assert any("ZeRO-3 with GPTQ: packed weights become frozen torch.float32 parameters" in n for n in settings.notes)

@@ -213,7 +213,8 @@ def test_fsdp_config_turns_fsdp2_on_and_shards_nf4_in_the_compute_dtype(demo):
     planned = resolve(ns(demo, "--q_lora", "--fsdp_config", FSDP2, "--dry_run", "True"), A100, env={})
     assert not planned.rank0_load  # one process: nobody to send to
     zero3 = resolve(ns(demo, "--q_lora", "--deepspeed", os.path.join(REPO, "ds_configs", "zero3.json")), A100, env=TWO)
-    assert not zero3.rank0_load
+    # ZeRO-3 loads on rank 0 too, and deepspeed.zero.Init partitions (qlaunch.model.zero3_init): no scatter by qlaunch
+    assert zero3.rank0_load and zero3.zero3_init and not zero3.rank0_scatter and zero3.training.get("fsdp") is None
 
 
 @pytest.mark.parametrize("extra, config, problem", [

@@ -14,6 +14,7 @@ from qlaunch.config.choices import CHOICES
 from qlaunch.config.domains import FINETUNE, domain_problems
 from qlaunch.config.files import config_file_problems, file_problem, overlap_problems
 from qlaunch.config.machine import Machine
+from qlaunch.config.resume import resume_problems
 
 
 def _check_paths(ns: argparse.Namespace, problems: list[str]) -> None:
@@ -40,6 +41,8 @@ def _check_paths(ns: argparse.Namespace, problems: list[str]) -> None:
             "pass a directory written by a LoRA run (its --output_dir)."
         )
     problems.extend(config_file_problems(ns.config, ns.deepspeed, ns.fsdp_config))
+    problems.extend(resume_problems(getattr(ns, "resume_from_checkpoint", None), ns.output_dir,
+                                    ns.lora_r if (ns.use_lora or ns.q_lora) else None))
 
 
 # peft initialisations that change the base weights (PiSSA, OLoRA, LoftQ) or need data (CorDA, EVA)

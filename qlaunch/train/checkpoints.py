@@ -13,19 +13,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import tempfile
+
+from qlaunch.config.resume import CHECKPOINT, is_complete
 
 log = logging.getLogger("qlaunch")
 
 STAGING = ".staging"
 FINAL_STAGING = ".staging-final"
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# A checkpoint is complete when it has the Trainer state (written last) and the model or adapter.
-REQUIRED = ("trainer_state.json",)
-WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin",
-           "model.safetensors.index.json")
 
 
 def barrier(args) -> None:
@@ -167,11 +163,6 @@ def staged_output(output_dir: str, last: str = "config.json"):
         shutil.rmtree(staged, ignore_errors=True)
         raise
     move_into(staged, output_dir, last)
-
-
-def is_complete(path: str) -> bool:
-    names = set(os.listdir(path)) if os.path.isdir(path) else set()
-    return all(r in names for r in REQUIRED) and any(w in names for w in WEIGHTS)
 
 
 def newest_complete_checkpoint(output_dir: str) -> str | None:

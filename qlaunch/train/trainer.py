@@ -11,6 +11,7 @@ import torch
 from transformers import Trainer
 
 from qlaunch.data.collate import PaddingCollator, flattens_packed_rows
+from qlaunch.config.resume import requested
 from qlaunch.train.checkpoints import AtomicCheckpointMixin, newest_complete_checkpoint
 from qlaunch.train.fsdp import Fsdp2Mixin
 from qlaunch.train.loss import LabelledLogitsMixin, labelled_logits_unsupported
@@ -79,16 +80,17 @@ def resume_request(resume_from_checkpoint, env) -> str | None:
 
 def resolve_resume(resume_from_checkpoint, output_dir: str):
     """`auto`: the newest checkpoint-* in output_dir if there is one, else a fresh start."""
-    if resume_from_checkpoint in (None, "", False):
+    wanted = requested(resume_from_checkpoint)
+    if wanted is None:
         return None
-    if str(resume_from_checkpoint).lower() in ("auto", "true", "last"):
+    if wanted == "auto":
         last = newest_complete_checkpoint(output_dir)
         if last:
             log.info("Resuming from %s", last)
         else:
             log.info("No checkpoint in %s: starting from scratch.", output_dir)
         return last
-    return resume_from_checkpoint
+    return wanted
 
 
 def unseen_checkpoint_problem(checkpoint: str | None, seen: list[bool]) -> str | None:

@@ -104,6 +104,15 @@ def edited_config(tmp_path, demo, **changes):
     return model
 
 
+def checkpoint(tmp_path, demo, files: dict[str, str]):
+    """--resume_from_checkpoint of a directory holding these files (name → text)."""
+    path = tmp_path / "checkpoint-2"
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return ["--resume_from_checkpoint", str(path)]
+
+
 def flags(*argv):
     return lambda tmp_path, demo: list(argv)
 
@@ -222,6 +231,18 @@ CASES = [
     ("no tokenizer files", lambda t, d: model_copy(t, d, ("tokenizer.json", "tokenizer_config.json",
                                                           "special_tokens_map.json", "chat_template.jinja")),
      "no tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json, ...)"),
+    # ---- --resume_from_checkpoint, read from the checkpoint's metadata (was a traceback after loading)
+    ("resume from a missing checkpoint", lambda t, d: ["--resume_from_checkpoint", str(t / "checkpoint-9")],
+     "checkpoint-9': not a directory; pass a checkpoint-N directory"),
+    ("resume from an incomplete checkpoint", lambda t, d: checkpoint(t, d, {"adapter_model.safetensors": ""}),
+     "not a complete checkpoint (it needs trainer_state.json and the adapter or model weights)"),
+    ("resume from a damaged trainer state", lambda t, d: checkpoint(
+        t, d, {"trainer_state.json": "{garbage", "adapter_model.safetensors": ""}),
+     "trainer_state.json is not a Trainer state (no global_step)"),
+    ("resume with another LoRA rank", lambda t, d: [*checkpoint(
+        t, d, {"trainer_state.json": '{"global_step": 2}', "adapter_model.safetensors": "",
+               "adapter_config.json": '{"r": 16}'}), "--lora_r", "8"],
+     "its adapter has r=16, this run asks --lora_r 8"),
 ]
 
 

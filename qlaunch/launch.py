@@ -169,6 +169,27 @@ def launch_plan_for(args: argparse.Namespace, env: dict, facts, python: str, tar
     return launch_plan
 
 
+def preflight(launch_plan, args: argparse.Namespace, env: dict, facts) -> list[str]:
+    """finetune.py's own checks (the same parser, domains, paths and resolved settings) of the command about
+    to start, run once here: a bad flag, path or file is one line and exit 2 before N processes start,
+    instead of N copies of it and torchrun's failure report."""
+    from qlaunch.cluster.plan import world_size_of
+    from qlaunch.config.arguments import parse_namespace
+    from qlaunch.config.errors import UsageError
+    from qlaunch.config.machine import Machine
+    from qlaunch.config.resolve import resolve
+    from qlaunch.config.validate import check_arguments
+
+    nproc, nnodes = world_size_of(args, env, facts)
+    rank_env = {"WORLD_SIZE": str(nproc * nnodes), "RANK": "0", "LOCAL_RANK": "0",
+                **{k: v for k, v in env.items() if k.startswith("QLAUNCH_")}}
+    try:
+        ns = parse_namespace(launch_plan.finetune_flags)
+    except UsageError as e:
+        return list(e.problems)
+    return check_arguments(ns) + resolve(ns, Machine.detect(), env=rank_env).problems
+
+
 def note(message: str) -> None:
     print(f"[qlaunch {time.strftime('%Y-%m-%d %H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -181,7 +202,8 @@ def main(argv: list[str] | None = None, method: str = "qlora", mode: str = "dist
             make_parser(args.method, args.mode).print_help()
             sys.exit(0)
         python = env.get("PYTHON") or sys.executable
-        launch_plan = launch_plan_for(args, env, detect_facts(env, args.mode), python)
+        facts = detect_facts(env, args.mode)
+        launch_plan = launch_plan_for(args, env, facts, python)
     except LaunchError as e:
         parser = make_parser(*method_and_mode(argv, method, mode))
         print("\n".join(f"{parser.prog}: {p}" for p in e.problems), file=sys.stderr)
@@ -193,6 +215,13 @@ def main(argv: list[str] | None = None, method: str = "qlora", mode: str = "dist
     print(launch_plan.command_line(), file=sys.stderr, flush=True)
     if env.get("QLAUNCH_PRINT_ONLY") == "1":
         sys.exit(0)
+    problems = preflight(launch_plan, args, env, facts)
+    if problems:
+        from qlaunch.config.errors import UsageError
+
+        print(UsageError(problems).render(make_parser(args.method, args.mode).prog) + "\nNothing was started.",
+              file=sys.stderr)
+        sys.exit(2)
     env.update(launch_plan.env)
     # Tools the run spawns (ninja for DeepSpeed's JIT ops, torchrun's workers) come from the
     # interpreter's environment first, as if it were activated.

@@ -33,6 +33,7 @@ class LaunchPlan:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    finetune_flags: list[str] = field(default_factory=list)  # what finetune.py is given (checked before exec)
 
     def command_line(self) -> str:
         return "+ " + shlex.join(self.argv)

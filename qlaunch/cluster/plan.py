@@ -95,7 +95,9 @@ def plan(args: argparse.Namespace, env: dict, facts: Facts, python: str = sys.ex
     ft = finetune_argv(args, env, deepspeed, fsdp)
     restarts = int(env.get("MAX_RESTARTS") or 0)  # the domains above were checked
     ds = (deepspeed or "none") + (f" fsdp={fsdp}" if fsdp else "")
-    return plan_for_mode(args, env, facts, python, ft, restarts, ds)
+    launch_plan = plan_for_mode(args, env, facts, python, ft, restarts, ds)
+    launch_plan.finetune_flags = ft[2:] if ft[0] == "-m" else ft[1:]
+    return launch_plan
 
 
 def plan_for_mode(args, env: dict, facts: Facts, python: str, ft: list[str], restarts: int, ds: str) -> LaunchPlan:

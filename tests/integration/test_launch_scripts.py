@@ -166,3 +166,18 @@ def test_passthrough_errors_come_from_finetune(launch_demo, tmp_path):
                   "--", "--no_such_flag_xyz", "1"], tmp_path / "o", dump=False)
     assert run.returncode == 2, run.tail()
     assert "--no_such_flag_xyz" in run.text and "finetune.py" in run.text
+
+
+@pytest.mark.parametrize("script", ["qlora_ds.sh", "lora_single_gpu.sh"])
+def test_bad_finetune_input_is_refused_once_before_any_process_starts(script, launch_demo, tmp_path):
+    """finetune.py's checks run in the launcher first: one report, exit 2, no torchrun, nothing written
+    (before, 2 processes each printed the problem and torchrun's failure report followed, exit 1)."""
+    out = tmp_path / "out"
+    r = sh(script, "-m", str(launch_demo["model"]), "-d", str(tmp_path / "missing.json"), "-o", str(out), "--",
+           "--learning_rate", "inf", NPROC_PER_NODE=2)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"{script}: error: 2 problems:" in r.stderr
+    assert "--data_path: file not found" in r.stderr and "--learning_rate inf: must be a finite number" in r.stderr
+    assert "Nothing was started." in r.stderr and "Traceback" not in r.stderr
+    assert "ChildFailedError" not in r.stderr and "finetune.py: error" not in r.stderr  # no worker ever ran
+    assert not out.exists()

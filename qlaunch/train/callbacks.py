@@ -160,7 +160,9 @@ def trainables_finite(model) -> bool:
 class NonFiniteLossGuard(TrainerCallback):
     """Stop as soon as a logged loss is NaN or inf instead of training on garbage; and before any log or
     checkpoint, check the trainable weights themselves (an update can overflow them while the loss that
-    was logged, computed before it, is still finite): a checkpoint is never written with non-finite weights."""
+    was logged, computed before it, is still finite): a checkpoint is never written with non-finite weights.
+    The weights are checked at logging and saving steps (one host sync each, not one per step) and once more
+    at the end of training, before the final save."""
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.bad_step is None and model is not None and (control.should_save or control.should_log):
@@ -168,6 +170,12 @@ class NonFiniteLossGuard(TrainerCallback):
                 self.bad_step, self.bad_value, self.what = state.global_step, float("nan"), "weights"
                 control.should_save = False
                 control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        # the last steps may have logged nothing: the weights are checked once more before the final save
+        if self.bad_step is None and model is not None and any_rank(not trainables_finite(model), args.device):
+            self.bad_step, self.bad_value, self.what = state.global_step, float("nan"), "weights"
         return control
 
     def __init__(self):

@@ -65,3 +65,17 @@ def test_no_checkpoint_is_written_with_non_finite_weights(demo, tmp_path):
     assert "trainable weights became nan at step 1 (no checkpoint was written with them)" in outcome.message
     assert "--learning_rate" in outcome.message
     assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "adapter_config.json").exists()
+
+
+def test_weights_broken_after_the_last_logged_step_stop_the_final_save(demo, tmp_path):
+    """No logging or saving step after the bad update (logging_steps 10 > max_steps 3): the end-of-training
+    check still stops the run with exit 1 before the final save, naming the weights and the learning rate."""
+    from qlaunch.cli import fit
+
+    config = prepare(["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--output_dir",
+                      str(tmp_path), "--use_lora", "--max_steps", "3", "--logging_steps", "10", "--report_to", "none",
+                      "--save_strategy", "no", "--disable_tqdm", "True", "--model_max_length", "64"])
+    outcome = fit(config, extra_callbacks=[PoisonAfterFirstUpdate()])
+    assert outcome.exit_code == 1 and outcome.status == "non_finite"
+    assert "trainable weights became nan at step 3" in outcome.message and "--learning_rate" in outcome.message
+    assert not (tmp_path / "adapter_config.json").exists() and not (tmp_path / ".staging-final").exists()

@@ -134,28 +134,24 @@ def test_gptq_zero3_two_processes_shard_the_packed_weights_and_equal_one(gptq_ze
     assert_equal_to_one_process(gptq_zero3, gptq_single)
 
 
+def assert_resume_equals_uninterrupted(uninterrupted, demo, out, engine: list[str]) -> None:
+    """Resuming from the run's mid-run checkpoint-2, with the same flags, ends bit-identical to it."""
+    out.mkdir()
+    shutil.copytree(uninterrupted.out / "checkpoint-2", out / "checkpoint-2")
+    run = launch("qlora_ds.sh", gptq_args(demo, out, GLOBAL_BATCH // 2, *CHECKPOINTED, "--resume_from_checkpoint",
+                                          "auto", engine=engine),
+                 out, env=base_env(NPROC_PER_NODE=2)).check()
+    assert "Resuming from" in run.text and "checkpoint-2" in run.text
+    assert max_abs_diff(run.adapter(), uninterrupted.adapter()) == 0.0
+    assert run.losses()[-2:] == uninterrupted.losses()[-2:]
+
+
 def test_gptq_fsdp2_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(gptq_demo, runs_dir, gptq_fsdp):
     # the checkpoint holds the adapter, not the packed base under peft's second name for the layer
     saved = torch.load(gptq_fsdp.out / "checkpoint-2" / "pytorch_model_fsdp.bin", weights_only=True)
     assert saved and all("lora_" in key for key in saved), sorted(saved)[:4]
-    out = runs_dir / "gptq_fsdp2_resumed"
-    out.mkdir()
-    shutil.copytree(gptq_fsdp.out / "checkpoint-2", out / "checkpoint-2")
-    run = launch("qlora_ds.sh", gptq_args(gptq_demo, out, GLOBAL_BATCH // 2, *CHECKPOINTED, "--resume_from_checkpoint",
-                                          "auto", engine=["--fsdp", FSDP2]),
-                 out, env=base_env(NPROC_PER_NODE=2)).check()
-    assert "Resuming from" in run.text and "checkpoint-2" in run.text
-    assert max_abs_diff(run.adapter(), gptq_fsdp.adapter()) == 0.0
-    assert run.losses()[-2:] == gptq_fsdp.losses()[-2:]
+    assert_resume_equals_uninterrupted(gptq_fsdp, gptq_demo, runs_dir / "gptq_fsdp2_resumed", ["--fsdp", FSDP2])
 
 
 def test_gptq_zero3_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(gptq_demo, runs_dir, gptq_zero3):
-    out = runs_dir / "gptq_zero3_resumed"
-    out.mkdir()
-    shutil.copytree(gptq_zero3.out / "checkpoint-2", out / "checkpoint-2")
-    run = launch("qlora_ds.sh", gptq_args(gptq_demo, out, GLOBAL_BATCH // 2, *CHECKPOINTED, "--resume_from_checkpoint",
-                                          "auto", engine=["--deepspeed", ZERO3]),
-                 out, env=base_env(NPROC_PER_NODE=2)).check()
-    assert "Resuming from" in run.text and "checkpoint-2" in run.text
-    assert max_abs_diff(run.adapter(), gptq_zero3.adapter()) == 0.0
-    assert run.losses()[-2:] == gptq_zero3.losses()[-2:]
+    assert_resume_equals_uninterrupted(gptq_zero3, gptq_demo, runs_dir / "gptq_zero3_resumed", ["--deepspeed", ZERO3])

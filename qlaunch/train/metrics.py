@@ -1,8 +1,8 @@
 """What a run measured about itself, for metrics.json and the loss-curve title.
 
-Real (non-padding) tokens are counted by the Trainer itself (`include_num_input_tokens_seen=
-"non_padding"`, summed over ranks); trained tokens (labels that are not -100, the loss's own
-count) by the mixin below, also summed over ranks. Peak memory is the GPU allocator's peak, or the
+Real (non-padding) tokens are counted as the Trainer's `include_num_input_tokens_seen="non_padding"`
+does, trained tokens (labels that are not -100, the loss's own count) beside them — both on the device,
+summed over ranks when logged (TrainedTokenCountMixin). Peak memory is the GPU allocator's peak, or the
 process's peak RSS on CPU; the memory plan's estimate is written beside it.
 """
 from __future__ import annotations
@@ -35,27 +35,62 @@ def packed_real_tokens(input_ids: torch.Tensor, labels: torch.Tensor, position_i
     return torch.where(tail_is_padding, last_start, torch.full_like(last_start, length)).sum()
 
 
+def input_tokens(inputs, mode, pad_token_id) -> torch.Tensor | int:
+    """The tokens of one micro-batch the Trainer's include_num_input_tokens_seen counts ("all": every
+    position; "non_padding": the attention mask's, or input_ids != pad), as a device tensor; packed rows,
+    which carry no mask, by their layout (packed_real_tokens)."""
+    input_ids = inputs["input_ids"]
+    if mode != "non_padding":
+        return input_ids.numel()
+    if "attention_mask" in inputs:
+        return inputs["attention_mask"].sum()
+    if pad_token_id is None:
+        return input_ids.numel()
+    if "position_ids" in inputs and "labels" in inputs:
+        return packed_real_tokens(input_ids, inputs["labels"], inputs["position_ids"], pad_token_id)
+    return (input_ids != pad_token_id).sum()
+
+
 class TrainedTokenCountMixin:
-    """Trainer mixin: count the trained (labelled) target tokens of every micro-batch, all ranks; and the
-    real tokens of packed rows from their layout (packed_real_tokens), where the Trainer would count
-    `input_ids != pad`."""
+    """Trainer mixin: count the real tokens (the Trainer's include_num_input_tokens_seen, packed rows by
+    their layout) and the trained (labelled) target tokens of every micro-batch, all ranks — on the device.
+
+    The Trainer gathers and reads its count back after every micro-batch (a blocking host-device sync each,
+    which stalls a GPU that could run ahead). Here both counts accumulate on the device and are gathered in
+    one collective when something reads them: a log (every rank logs together) and a checkpoint's state."""
 
     trained_tokens_seen = 0
+    _qlaunch_pending: torch.Tensor | None = None  # [real, trained] since the last flush, on the device
 
     def _track_num_input_tokens(self, inputs):
-        packed = hasattr(inputs, "get") and "position_ids" in inputs and "attention_mask" not in inputs
-        pad = getattr(self.processing_class, "pad_token_id", None)
-        if packed and pad is not None and self.args.include_num_input_tokens_seen == "non_padding":
-            real = packed_real_tokens(inputs["input_ids"], inputs["labels"], inputs["position_ids"], pad)
-            real = torch.as_tensor(real, device=self.args.device, dtype=torch.int64)
-            self.state.num_input_tokens_seen += int(self.accelerator.gather(real).sum().item())
-        else:
-            super()._track_num_input_tokens(inputs)
-        labels = inputs.get("labels") if hasattr(inputs, "get") else None
-        if labels is not None:
-            count = torch.as_tensor((labels[..., 1:] != IGNORE_INDEX).sum(), device=self.args.device,
-                                    dtype=torch.int64)
-            self.trained_tokens_seen += int(self.accelerator.gather(count).sum().item())
+        if not hasattr(inputs, "get") or "input_ids" not in inputs:
+            return super()._track_num_input_tokens(inputs)
+        mode = self.args.include_num_input_tokens_seen
+        mode = "no" if mode in (False, None, "no") else ("all" if mode in (True, "all") else mode)
+        real = input_tokens(inputs, mode, getattr(self.processing_class, "pad_token_id", None)) if mode != "no" else 0
+        labels = inputs.get("labels")
+        trained = (labels[..., 1:] != IGNORE_INDEX).sum() if labels is not None else 0
+        counts = torch.stack([torch.as_tensor(real, dtype=torch.int64, device=self.args.device),
+                              torch.as_tensor(trained, dtype=torch.int64, device=self.args.device)])
+        self._qlaunch_pending = counts if self._qlaunch_pending is None else self._qlaunch_pending + counts
+
+    def flush_token_counts(self) -> None:
+        """Add the counts of every rank since the last flush to the totals (collective: all ranks call it)."""
+        pending = self._qlaunch_pending
+        if pending is None:
+            pending = torch.zeros(2, dtype=torch.int64, device=self.args.device)
+        real, trained = self.accelerator.gather(pending.unsqueeze(0)).reshape(-1, 2).sum(dim=0).tolist()
+        self._qlaunch_pending = None
+        self.state.num_input_tokens_seen += int(real)
+        self.trained_tokens_seen += int(trained)
+
+    def log(self, logs, *args, **kwargs):
+        self.flush_token_counts()
+        return super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        self.flush_token_counts()  # trainer_state.json holds the count a resumed run continues from
+        return super()._save_checkpoint(model, trial)
 
 
 class RunClock(TrainerCallback):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import torch
 
 from qlaunch.data.collate import PaddingCollator
 from qlaunch.data.labels import IGNORE_INDEX
@@ -42,23 +43,32 @@ def test_a_full_row_and_a_last_sample_that_starts_with_an_untrained_prompt_are_a
     assert int(packed_real_tokens(batch["input_ids"], batch["labels"], batch["position_ids"], PAD)) == 8
 
 
-def test_the_mixin_counts_packed_batches_itself_and_leaves_padded_batches_to_the_trainer():
+def test_the_mixin_counts_on_the_device_and_reads_the_counts_back_only_when_logged():
+    """Packed rows by their layout, padded ones by the attention mask (as the Trainer counts them), trained
+    tokens beside them; nothing is gathered or read back until a log (or a checkpoint) flushes them."""
     class Base:
-        def _track_num_input_tokens(self, inputs):
-            self.state.num_input_tokens_seen += int(inputs["attention_mask"].sum())
+        def log(self, logs, *args, **kwargs):
+            self.logged = dict(logs, num_input_tokens_seen=self.state.num_input_tokens_seen)
 
     class Counting(TrainedTokenCountMixin, Base):
         pass
 
+    gathered = []
     trainer = Counting()
     trainer.args = SimpleNamespace(include_num_input_tokens_seen="non_padding", device="cpu")
     trainer.state = SimpleNamespace(num_input_tokens_seen=0)
     trainer.processing_class = SimpleNamespace(pad_token_id=PAD)
-    trainer.accelerator = SimpleNamespace(gather=lambda t: t)
-    trainer._track_num_input_tokens(PaddingCollator(PAD)([packed_row(sample(5), sample(3)), packed_row(sample(4))]))
-    assert trainer.state.num_input_tokens_seen == 12
+    trainer.accelerator = SimpleNamespace(gather=lambda t: gathered.append(t) or torch.cat([t, t]))  # 2 "ranks"
+    packed = PaddingCollator(PAD)([packed_row(sample(5), sample(3)), packed_row(sample(4))])
     padded = PaddingCollator(PAD)([{k: v for k, v in sample(5).items() if k != "position_ids"},
                                    {k: v for k, v in sample(3).items() if k != "position_ids"}])
+    trainer._track_num_input_tokens(packed)
     trainer._track_num_input_tokens(padded)
-    assert trainer.state.num_input_tokens_seen == 12 + 8
-    assert trainer.trained_tokens_seen > 0
+    assert not gathered and trainer.state.num_input_tokens_seen == 0  # nothing read back yet
+    trained = int((packed["labels"][..., 1:] != IGNORE_INDEX).sum() + (padded["labels"][..., 1:] != IGNORE_INDEX).sum())
+    trainer.log({"loss": 1.0})
+    assert len(gathered) == 1  # one collective for both counts
+    assert trainer.logged["num_input_tokens_seen"] == trainer.state.num_input_tokens_seen == 2 * (12 + 8)
+    assert trainer.trained_tokens_seen == 2 * trained > 0
+    trainer.log({"loss": 1.0})  # nothing new: every rank still takes part, the totals stay
+    assert len(gathered) == 2 and trainer.state.num_input_tokens_seen == 40

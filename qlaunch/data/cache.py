@@ -14,7 +14,8 @@ Layout of one entry, <cache_dir>/<data file name>-<key>/:
     COMPLETE       written last, holds the key
 An entry is built under a temporary name (<cache_dir>/.build-…) and renamed into place only once
 COMPLETE is written, so a build killed halfway leaves nothing a later run trusts (its leftover
-temporary directory is never read). An entry that fails any check on load (no COMPLETE, wrong
+temporary directory is never read, and the next build on that host removes it once its builder's
+process is gone: remove_stale_builds). An entry that fails any check on load (no COMPLETE, wrong
 key, a data file of the wrong size or digest, Arrow that does not load) is moved aside, logged
 and rebuilt. Two processes building the same entry at once is safe: the first rename wins, the
 other discards its copy and uses the winner's.
@@ -194,6 +195,38 @@ def _discard(entry: str, reason: str) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_builds(cache_dir: str) -> list[str]:
+    """Remove the temporary directories of builds whose builder died (killed mid-build): named
+    .build-<entry>-<host>-<pid>-<hex>, removed only when <host> is this host and no process <pid> runs here.
+    A live builder, one on another host (its pid means nothing here) or a name of another form is left
+    alone; a recycled pid keeps a dead build's directory, never removes a live one. Returns what was removed."""
+    if not os.path.isdir(cache_dir):
+        return []
+    host, removed = socket.gethostname(), []
+    for name in os.listdir(cache_dir):
+        if not name.startswith(".build-"):
+            continue
+        rest, pid, suffix = (name.rsplit("-", 2) + ["", ""])[:3]
+        if not (pid.isdigit() and len(suffix) == 8 and rest.endswith(f"-{host}")) or _alive(int(pid)):
+            continue
+        shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+        removed.append(name)
+    if removed:
+        log.warning("tokenized-data cache %s: removed %d build director%s left by a killed run (%s).", cache_dir,
+                    len(removed), "y" if len(removed) == 1 else "ies", ", ".join(sorted(removed)))
+    return removed
+
+
 def _fsync_write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -328,6 +361,7 @@ def cached_tokenization(path: str, tokenizer, cache_dir: str, *, max_length: int
             return rows, stats, True
         except Corrupt as e:
             _discard(entry, str(e))
+    remove_stale_builds(cache_dir)  # the builder cleans up after builders killed before it
     build_entry(path, tokenizer, cache_dir, entry, key, parts, max_length=max_length, truncation=truncation,
                 system_message=system_message, show_progress=show_progress, num_proc=num_proc)
     try:

@@ -292,3 +292,28 @@ def test_build_on_main_first_builds_once_per_process(process_index, local_main):
     # The main process works in the first (global) phase; every other one in the second (per node).
     expected = [("enter", False)] if process_index == 0 else [("enter", True)]
     assert built == expected
+
+
+def test_builds_left_by_dead_builders_on_this_host_are_removed_and_nothing_else(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from qlaunch.data.cache import remove_stale_builds
+
+    host = socket.gethostname()
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)  # that process has exited: its pid runs nothing now
+    names = {
+        "dead": f".build-train.json-abc123-{host}-{dead}-0123abcd",
+        "alive": f".build-train.json-abc123-{host}-{os.getpid()}-0123abcd",
+        "other host": f".build-train.json-abc123-elsewhere-{dead}-0123abcd",
+        "odd name": f".build-{host}-notapid-0123abcd",
+        "entry": "train.json-abc123",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "rows.arrow").write_bytes(b"x")
+    assert remove_stale_builds(str(tmp_path)) == [names["dead"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for k, n in names.items() if k != "dead")
+    assert remove_stale_builds(str(tmp_path / "missing")) == []

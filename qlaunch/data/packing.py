@@ -1,7 +1,7 @@
 """Packing: tokenized samples placed into rows of up to model_max_length tokens, isolated.
 
 Rows are filled first-fit-decreasing (longest samples first, each into the first row with room),
-which leaves little padding and is deterministic. Each sample keeps its own positions: position_ids
+which leaves little padding and is deterministic; O(n log n) (first_fit_decreasing). Each sample keeps its own positions: position_ids
 restart at 0 at every sample and no 2D attention mask is passed, so transformers 5 derives a
 block-diagonal causal mask from the restarts (masking_utils.find_packed_sequence_indices, used only
 when attention_mask is None; sdpa and eager) and flash-attention uses them as varlen boundaries in a
@@ -21,18 +21,35 @@ log = logging.getLogger("qlaunch")
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Sample indices grouped into rows whose lengths sum to at most capacity."""
+    """Sample indices grouped into rows whose lengths sum to at most capacity: longest first, each into the
+    lowest-numbered row with room (a new row when none has it).
+
+    The lowest row with room is found in a max-tree over the rows' free room (leftmost leaf >= the length),
+    O(log n) per sample instead of scanning every row: 1M samples no longer take most of an hour on every
+    rank. The rows are exactly those of the scan."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    size = 1
+    while size < max(len(lengths), 1):
+        size *= 2
+    free = [-1] * (2 * size)  # free[leaf] = a row's room (-1: no row yet); inner nodes: the max below
     rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
+    for i in order:
+        need = lengths[i]
+        if free[1] >= need:
+            node = 1
+            while node < size:  # the leftmost child whose subtree has room
+                node = 2 * node if free[2 * node] >= need else 2 * node + 1
+            rows[node - size].append(i)
+            room = free[node] - need
         else:
+            node = size + len(rows)
             rows.append([i])
-            room.append(capacity - lengths[i])
+            room = capacity - need
+        free[node] = room
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
     return rows
 
 

@@ -133,3 +133,30 @@ def test_flattened_rows_are_what_flash_attention_isolates_and_change_nothing_for
         assert flat["labels"][0, offset:offset + n].tolist() == row["labels"]
         offset += n
     assert (flat["labels"][0, offset:] == IGNORE_INDEX).all()
+
+
+def scanned_first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """The definition, scanning every row for each sample (O(samples x rows)): the reference."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_tree_packer_gives_exactly_the_rows_of_the_scan(seed):
+    import random
+
+    rng = random.Random(seed)
+    capacity = rng.choice([16, 64, 512, 2048])
+    n = rng.choice([0, 1, 7, 300, 3000])
+    # long-tailed lengths like chat data, some at or above the capacity (a row of their own)
+    lengths = [max(1, min(int(rng.paretovariate(1.3) * capacity / 12), capacity + 5)) for _ in range(n)]
+    assert first_fit_decreasing(lengths, capacity) == scanned_first_fit_decreasing(lengths, capacity)

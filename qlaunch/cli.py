@@ -120,6 +120,9 @@ def load_datasets(config, tokenizer):
         lazy=dargs.lazy_preprocess,
         show_progress=targs.process_index == 0,
         cache_dir=resolve_cache_dir(dargs.cache_dir),
+        # one process per node checks the data file and the cache's content (it runs first there:
+        # build_on_main_first); the others trust its checks instead of reading everything again
+        verify_cache=targs.local_process_index == 0,
     )
 
     def build():

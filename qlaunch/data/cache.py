@@ -92,7 +92,36 @@ def _code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def key_parts(path: str, tokenizer, *, max_length: int, truncation: str, system_message: str) -> dict:
+def data_digest(path: str, cache_dir: str, *, trust_memo: bool) -> str:
+    """The data file's digest. The process that verifies (one per node: dataset.build_on_main_first runs it
+    first) hashes the file and notes the digest beside the file's size, mtime and inode in
+    <cache_dir>/.digests; the other processes of the run take the note when the file still has that stamp,
+    instead of reading the whole file once more each."""
+    stat = os.stat(path)
+    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    memo = os.path.join(cache_dir, ".digests", _xxh(os.path.abspath(path).encode("utf-8"))[:32] + ".json")
+    if trust_memo:
+        try:
+            with open(memo) as f:
+                noted = json.load(f)
+            if noted.get("stamp") == stamp and isinstance(noted.get("digest"), str):
+                return noted["digest"]
+        except (OSError, ValueError, AttributeError):
+            pass
+    digest = file_digest(path)
+    try:  # a note that cannot be written only costs the other processes a read
+        os.makedirs(os.path.dirname(memo), exist_ok=True)
+        tmp = f"{memo}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w") as f:
+            json.dump({"path": os.path.abspath(path), "stamp": stamp, "digest": digest}, f)
+        os.replace(tmp, memo)
+    except OSError:
+        pass
+    return digest
+
+
+def key_parts(path: str, tokenizer, *, max_length: int, truncation: str, system_message: str,
+              digest: str | None = None) -> dict:
     import tokenizers
     import transformers
 
@@ -100,7 +129,7 @@ def key_parts(path: str, tokenizer, *, max_length: int, truncation: str, system_
 
     return {
         "layout": LAYOUT,
-        "data": file_digest(path),
+        "data": digest or file_digest(path),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": max_length,
         "truncation": truncation,
@@ -133,21 +162,28 @@ class Corrupt(Exception):
     """An entry that must not be used: why, in a few words."""
 
 
-def _file_table(data_dir: str) -> dict[str, list]:
+def _file_table(data_dir: str, digests: bool = True) -> dict[str, list]:
+    """{file name: [size, xxh3-64 of its bytes]} of an entry's data (digest None when not asked for)."""
     import xxhash
 
     table = {}
     for name in sorted(os.listdir(data_dir)):
-        h = xxhash.xxh3_64()
-        with open(os.path.join(data_dir, name), "rb") as f:
-            while block := f.read(1 << 23):
-                h.update(block)
-        table[name] = [os.path.getsize(os.path.join(data_dir, name)), h.hexdigest()]
+        digest = None
+        if digests:
+            h = xxhash.xxh3_64()
+            with open(os.path.join(data_dir, name), "rb") as f:
+                while block := f.read(1 << 23):
+                    h.update(block)
+            digest = h.hexdigest()
+        table[name] = [os.path.getsize(os.path.join(data_dir, name)), digest]
     return table
 
 
-def load_entry(entry: str, key: str):
-    """(memory-mapped datasets.Dataset, TokenizeStats, meta) of a complete entry; raises Corrupt."""
+def load_entry(entry: str, key: str, verify: bool = True):
+    """(memory-mapped datasets.Dataset, TokenizeStats, meta) of a complete entry; raises Corrupt.
+
+    verify: hash every data file against meta.json (the process that verifies, one per node); otherwise the
+    marker, the key and the files' sizes are trusted — that process checked the content moments before."""
     import datasets
 
     from qlaunch.data.tokenize import TokenizeStats
@@ -167,10 +203,12 @@ def load_entry(entry: str, key: str):
         raise Corrupt(f"{META} is for another key or layout")
     data_dir = os.path.join(entry, DATA)
     try:
-        files = _file_table(data_dir)
+        files = _file_table(data_dir, digests=verify)
     except OSError as e:
         raise Corrupt(f"data unreadable ({e})") from None
     expected = meta.get("files") or {}
+    if not verify:
+        expected = {name: [size_digest[0], None] for name, size_digest in expected.items()}
     changed = sorted(n for n in set(files) | set(expected) if files.get(n) != expected.get(n))
     if changed:
         raise Corrupt(f"data files changed since the build: {', '.join(changed)}")
@@ -349,14 +387,19 @@ def build_entry(path: str, tokenizer, cache_dir: str, entry: str, key: str, part
 
 
 def cached_tokenization(path: str, tokenizer, cache_dir: str, *, max_length: int, truncation: str,
-                        system_message: str, show_progress: bool = True, num_proc: int | None = None):
-    """(rows, stats, reused): the entry for these inputs, loaded, or built first and then loaded."""
-    parts = key_parts(path, tokenizer, max_length=max_length, truncation=truncation, system_message=system_message)
+                        system_message: str, show_progress: bool = True, num_proc: int | None = None,
+                        verify: bool = True):
+    """(rows, stats, reused): the entry for these inputs, loaded, or built first and then loaded.
+    verify: this process checks content (the data file's digest, the entry's files); False for the
+    processes that run after the one that did (dataset.build_on_main_first), which trust its checks."""
+    digest = data_digest(path, cache_dir, trust_memo=not verify)
+    parts = key_parts(path, tokenizer, max_length=max_length, truncation=truncation, system_message=system_message,
+                      digest=digest)
     key = cache_key(parts)
     entry = entry_dir(cache_dir, path, key)
     if os.path.isdir(entry):
         try:
-            rows, stats, meta = load_entry(entry, key)
+            rows, stats, meta = load_entry(entry, key, verify=verify)
             log.info("%s: tokenized data reused from %s (built %s)", path, entry, meta["built"]["at"])
             return rows, stats, True
         except Corrupt as e:

@@ -96,9 +96,11 @@ def build_dataset(
     show_progress: bool = True,
     cache_dir: str | None = None,
     num_proc: int | None = None,
+    verify_cache: bool = True,
 ) -> Dataset:
     """The dataset of one data file. cache_dir: the tokenized-data cache's directory (None: tokenize
-    in memory); num_proc: worker processes for a cache build (None: by size and CPUs)."""
+    in memory); num_proc: worker processes for a cache build (None: by size and CPUs); verify_cache:
+    check the cached content here (False: trust the process of this node that checked it first)."""
     if lazy:
         # .jsonl: read from disk record by record (files larger than memory); .json is one JSON value
         samples = JsonlSamples(path, system_message) if path.endswith(".jsonl") else load_samples(path, system_message)
@@ -110,7 +112,7 @@ def build_dataset(
 
         rows, stats, _ = cached_tokenization(path, tokenizer, cache_dir, max_length=max_length,
                                              truncation=truncation, system_message=system_message,
-                                             show_progress=show_progress, num_proc=num_proc)
+                                             show_progress=show_progress, num_proc=num_proc, verify=verify_cache)
         log.info("%s: %s", path, stats.summary(max_length))
         return TokenizedDataset(rows, stats)
     samples = load_samples(path, system_message)

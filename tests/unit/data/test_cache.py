@@ -317,3 +317,34 @@ def test_builds_left_by_dead_builders_on_this_host_are_removed_and_nothing_else(
     assert remove_stale_builds(str(tmp_path)) == [names["dead"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for k, n in names.items() if k != "dead")
     assert remove_stale_builds(str(tmp_path / "missing")) == []
+
+
+def test_only_the_verifying_process_reads_the_data_file_and_the_cached_bytes(tokenizer, data, tmp_path, monkeypatch):
+    """The first process of a node hashes the data file and every cached Arrow byte; the processes after it
+    take the noted digest (while the file keeps its size, mtime and inode) and check only the entry's marker,
+    key and file sizes — one full read per node instead of one per rank."""
+    cache_dir = tmp_path / "c"
+    hashed, tables = [], []
+    real_digest, real_table = cache.file_digest, cache._file_table
+    monkeypatch.setattr(cache, "file_digest", lambda path, *a: hashed.append(path) or real_digest(path, *a))
+    monkeypatch.setattr(cache, "_file_table", lambda d, digests=True: tables.append(digests) or real_table(d, digests))
+    kwargs = dict(max_length=128, truncation="truncate", system_message=SYS, show_progress=False)
+    built, _, reused = cache.cached_tokenization(data, tokenizer, str(cache_dir), **kwargs)  # the first process
+    assert not reused and len(hashed) == 1
+    hashed.clear(), tables.clear()
+    other, _, reused = cache.cached_tokenization(data, tokenizer, str(cache_dir), verify=False, **kwargs)
+    assert reused and hashed == [] and tables == [False]  # no byte of the data file or the Arrow files read
+    assert other["input_ids"] == built["input_ids"]
+    # content the verifying process would reject (same size, other bytes) is its to catch, not the others'
+    arrow = next(p for p in (cache_dir / entries(cache_dir)[0] / "data").iterdir() if p.suffix == ".arrow")
+    raw = bytearray(arrow.read_bytes())
+    raw[-9] ^= 0xFF
+    arrow.write_bytes(bytes(raw))
+    with pytest.raises(cache.Corrupt, match="data files changed"):
+        cache.load_entry(str(cache_dir / entries(cache_dir)[0]), cache.cache_key(cache.key_parts(
+            data, tokenizer, max_length=128, truncation="truncate", system_message=SYS)))
+    # a data file changed since the note: its stamp differs, so even a trusting process hashes it again
+    os.utime(data, ns=(os.stat(data).st_atime_ns, os.stat(data).st_mtime_ns + 1_000_000))
+    hashed.clear()
+    cache.data_digest(data, str(cache_dir), trust_memo=True)
+    assert hashed == [data]

@@ -83,7 +83,8 @@ def zero3_flag_hidden(hide: bool):
     host memory (device_map_for) the flag is hidden and then restored."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    config = hf_deepspeed._hf_deepspeed_config_weak_ref() if hf_deepspeed._hf_deepspeed_config_weak_ref else None
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)  # set by TrainingArguments(deepspeed=...)
+    config = ref() if ref is not None else None
     if not hide or config is None:
         yield
         return

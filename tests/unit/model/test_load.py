@@ -48,3 +48,29 @@ def test_a_gptq_base_built_on_its_gpu_or_trained_on_the_cpu_lets_gptqmodel_choos
     placed = device_map_for("gptq", cuda=True, engine=engine, local_rank=1)
     assert trainable_backend(cuda=True, built_on_host=placed in (None, {"": "cpu"})) == TRAINABLE_BACKEND
     assert trainable_backend(cuda=False, built_on_host=True) == TRAINABLE_BACKEND
+
+
+def test_the_zero3_flag_is_hidden_only_while_a_quantized_base_loads():
+    """transformers refuses a device_map under ZeRO-3; a quantized base is loaded into host memory with the flag
+    hidden, and the flag is back (for the Trainer and DeepSpeed) right after — also when loading fails."""
+    pytest.importorskip("deepspeed")
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    from qlaunch.model.load import zero3_flag_hidden
+
+    config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with zero3_flag_hidden(True):
+            assert not is_deepspeed_zero3_enabled()
+        assert is_deepspeed_zero3_enabled()
+        with zero3_flag_hidden(False):
+            assert is_deepspeed_zero3_enabled()
+        with pytest.raises(RuntimeError), zero3_flag_hidden(True):
+            raise RuntimeError("the load failed")
+        assert is_deepspeed_zero3_enabled()
+    finally:
+        unset_hf_deepspeed_config()
+    with zero3_flag_hidden(True):  # no DeepSpeed config at all: nothing to hide
+        assert not is_deepspeed_zero3_enabled()
+    del config

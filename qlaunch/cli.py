@@ -127,15 +127,16 @@ def load_datasets(config, tokenizer):
 
     def build():
         train = build_dataset(dargs.data_path, tokenizer, **kwargs)
-        return train, build_dataset(dargs.eval_data_path, tokenizer, **kwargs) if dargs.eval_data_path else None
+        evaluation = build_dataset(dargs.eval_data_path, tokenizer, **kwargs) if dargs.eval_data_path else None
+        if dargs.packing:  # planned here, so the first process stores the plan and the others read it
+            from qlaunch.data.packing import PackedDataset
 
-    train, evaluation = build_on_main_first(targs, build)
-    if dargs.packing:
-        from qlaunch.data.packing import PackedDataset
+            train, evaluation = (None if d is None else PackedDataset(d, targs.model_max_length,
+                                                                      getattr(d, "cache_entry", None))
+                                 for d in (train, evaluation))
+        return train, evaluation
 
-        train = PackedDataset(train, targs.model_max_length)
-        evaluation = PackedDataset(evaluation, targs.model_max_length) if evaluation is not None else None
-    return train, evaluation
+    return build_on_main_first(targs, build)
 
 
 def report_dry_run(config, train_dataset=None) -> None:

@@ -243,6 +243,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def entry_of(rows) -> str | None:
+    """The entry directory a loaded entry's rows are mapped from (datasets' cache_files: <entry>/data/*.arrow)."""
+    files = getattr(rows, "cache_files", None) or []
+    return os.path.dirname(os.path.dirname(files[0]["filename"])) if files else None
+
+
 def remove_stale_builds(cache_dir: str) -> list[str]:
     """Remove the temporary directories of builds whose builder died (killed mid-build): named
     .build-<entry>-<host>-<pid>-<hex>, removed only when <host> is this host and no process <pid> runs here.

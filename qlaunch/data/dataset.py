@@ -27,9 +27,10 @@ class TokenizedDataset(Dataset):
     items: a list of {"input_ids", "labels"} dicts, or a datasets.Dataset with those two columns
     (memory-mapped Arrow from the cache: every rank on a machine shares the same pages)."""
 
-    def __init__(self, items, stats: TokenizeStats):
+    def __init__(self, items, stats: TokenizeStats, cache_entry: str | None = None):
         self.items = items
         self.stats = stats
+        self.cache_entry = cache_entry  # the cache entry the rows are mapped from (packing keeps its plan there)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -108,13 +109,13 @@ def build_dataset(
                  ", read from disk" if isinstance(samples, JsonlSamples) else "")
         return LazyDataset(samples, tokenizer, max_length)
     if cache_dir is not None:
-        from qlaunch.data.cache import cached_tokenization
+        from qlaunch.data.cache import cached_tokenization, entry_of
 
         rows, stats, _ = cached_tokenization(path, tokenizer, cache_dir, max_length=max_length,
                                              truncation=truncation, system_message=system_message,
                                              show_progress=show_progress, num_proc=num_proc, verify=verify_cache)
         log.info("%s: %s", path, stats.summary(max_length))
-        return TokenizedDataset(rows, stats)
+        return TokenizedDataset(rows, stats, cache_entry=entry_of(rows))
     samples = load_samples(path, system_message)
     stats, items = TokenizeStats(), []
     progress = None

@@ -11,7 +11,9 @@ the next sample's first token: each sample's loss terms are exactly those it has
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 from torch.utils.data import Dataset
 
@@ -53,15 +55,45 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-class PackedDataset(Dataset):
-    """Rows of several samples: input_ids, labels and position_ids, concatenated."""
+def packing_plan(lengths: list[int], capacity: int, plan_dir: str | None = None) -> list[list[int]]:
+    """first_fit_decreasing's rows, stored beside the tokenized data they index (plan_dir: the cache entry,
+    whose key already fixes the samples and --model_max_length): the process that runs first computes
+    and writes them, every later process and run reads them (a plan that does not describe these samples
+    is computed again)."""
+    path = os.path.join(plan_dir, f"packing-{capacity}.json") if plan_dir else None
+    if path and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                plan = json.load(f)
+            rows = plan["rows"]
+            if plan.get("capacity") == capacity and plan.get("samples") == len(lengths) and \
+                    sum(len(r) for r in rows) == len(lengths):
+                return rows
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        log.warning("Packing plan %s does not describe these samples: computing it again.", path)
+    rows = first_fit_decreasing(lengths, capacity)
+    if path:
+        try:  # atomic: a reader sees the old plan or the whole new one
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"capacity": capacity, "samples": len(lengths), "rows": rows}, f, separators=(",", ":"))
+            os.replace(tmp, path)
+        except OSError:  # a read-only cache: every run plans again, as without one
+            pass
+    return rows
 
-    def __init__(self, samples: Dataset, max_length: int):
+
+class PackedDataset(Dataset):
+    """Rows of several samples: input_ids, labels and position_ids, concatenated. plan_dir: where the
+    packing plan is kept (the samples' cache entry; None: planned here)."""
+
+    def __init__(self, samples: Dataset, max_length: int, plan_dir: str | None = None):
         self.samples = samples
         # A cached dataset reads its lengths from Arrow; reading every row would convert each one.
         lengths = samples.lengths if hasattr(samples, "lengths") else [len(samples[i]["input_ids"])
                                                                          for i in range(len(samples))]
-        self.rows = first_fit_decreasing(lengths, max_length)
+        self.rows = packing_plan(lengths, max_length, plan_dir)
         self.stats = getattr(samples, "stats", None)
         tokens = sum(lengths)
         self.fill = tokens / (len(self.rows) * max_length) if self.rows else 0.0

@@ -160,3 +160,27 @@ def test_the_tree_packer_gives_exactly_the_rows_of_the_scan(seed):
     # long-tailed lengths like chat data, some at or above the capacity (a row of their own)
     lengths = [max(1, min(int(rng.paretovariate(1.3) * capacity / 12), capacity + 5)) for _ in range(n)]
     assert first_fit_decreasing(lengths, capacity) == scanned_first_fit_decreasing(lengths, capacity)
+
+
+def test_the_plan_is_stored_with_the_cached_data_and_read_by_later_processes(demo, tokenizer, tmp_path, monkeypatch,
+                                                                             caplog):
+    import qlaunch.data.packing as packing
+
+    planned = []
+    real = packing.first_fit_decreasing
+    monkeypatch.setattr(packing, "first_fit_decreasing", lambda *a: planned.append(1) or real(*a))
+    samples = build_dataset(demo["train"], tokenizer, max_length=128, system_message=SYS, show_progress=False,
+                            cache_dir=str(tmp_path / "cache"), num_proc=1)
+    first = PackedDataset(samples, 128, samples.cache_entry)
+    plan = tmp_path / "cache" / samples.cache_entry.rsplit("/", 1)[-1] / "packing-128.json"
+    assert plan.is_file() and planned == [1]
+    again = PackedDataset(build_dataset(demo["train"], tokenizer, max_length=128, system_message=SYS,
+                                        show_progress=False, cache_dir=str(tmp_path / "cache"), num_proc=1,
+                                        verify_cache=False), 128, samples.cache_entry)
+    assert planned == [1] and again.rows == first.rows  # read, not recomputed
+    assert first.rows == real(samples.lengths, 128)
+    plan.write_text(json.dumps({"capacity": 128, "samples": 3, "rows": [[0]]}))  # not these samples
+    assert PackedDataset(samples, 128, samples.cache_entry).rows == first.rows and planned == [1, 1]
+    assert "does not describe these samples" in caplog.text
+    assert PackedDataset(samples, 64, samples.cache_entry).rows == real(samples.lengths, 64)  # its own plan
+    assert (plan.parent / "packing-64.json").is_file()

@@ -120,20 +120,16 @@ def load_datasets(config, tokenizer):
         lazy=dargs.lazy_preprocess,
         show_progress=targs.process_index == 0,
         cache_dir=resolve_cache_dir(dargs.cache_dir),
-        # one process per node checks the data file and the cache's content (it runs first there:
-        # build_on_main_first); the others trust its checks instead of reading everything again
-        verify_cache=targs.local_process_index == 0,
+        verify_cache=targs.local_process_index == 0,  # the node's first process checks; the others trust it
     )
 
     def build():
         train = build_dataset(dargs.data_path, tokenizer, **kwargs)
         evaluation = build_dataset(dargs.eval_data_path, tokenizer, **kwargs) if dargs.eval_data_path else None
         if dargs.packing:  # planned here, so the first process stores the plan and the others read it
-            from qlaunch.data.packing import PackedDataset
+            from qlaunch.data.packing import pack
 
-            train, evaluation = (None if d is None else PackedDataset(d, targs.model_max_length,
-                                                                      getattr(d, "cache_entry", None))
-                                 for d in (train, evaluation))
+            train, evaluation = pack(train, targs.model_max_length), pack(evaluation, targs.model_max_length)
         return train, evaluation
 
     return build_on_main_first(targs, build)
@@ -209,9 +205,7 @@ def load_model(config):
     if settings and settings.zero3_init:
         from qlaunch.model.zero3_init import partition_for_zero3
 
-        count = partition_for_zero3(model, targs.hf_deepspeed_config.config, targs.device)
-        log.info("ZeRO-3: %d parameters partitioned across %d ranks as they left rank 0's host memory.",
-                 count, targs.world_size)
+        partition_for_zero3(model, targs.hf_deepspeed_config.config, targs.device)  # logs what it partitioned
     return model, targets
 
 

@@ -1,7 +1,8 @@
 """Packing: tokenized samples placed into rows of up to model_max_length tokens, isolated.
 
 Rows are filled first-fit-decreasing (longest samples first, each into the first row with room),
-which leaves little padding and is deterministic; O(n log n) (first_fit_decreasing). Each sample keeps its own positions: position_ids
+which leaves little padding and is deterministic, in O(n log n) (first_fit_decreasing); the plan is kept
+in the tokenized-data cache (packing_plan). Each sample keeps its own positions: position_ids
 restart at 0 at every sample and no 2D attention mask is passed, so transformers 5 derives a
 block-diagonal causal mask from the restarts (masking_utils.find_packed_sequence_indices, used only
 when attention_mask is None; sdpa and eager) and flash-attention uses them as varlen boundaries in a
@@ -112,3 +113,8 @@ class PackedDataset(Dataset):
             labels += [IGNORE_INDEX] + list(item["labels"][1:])  # never predict across a boundary
             position_ids += range(len(item["input_ids"]))
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def pack(dataset, max_length: int):
+    """The PackedDataset of a dataset (None stays None), its plan kept in the dataset's cache entry if any."""
+    return None if dataset is None else PackedDataset(dataset, max_length, getattr(dataset, "cache_entry", None))

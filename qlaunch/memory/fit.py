@@ -92,8 +92,8 @@ def engine_choice_text(choice: dict | None, choices: list[dict], target) -> str:
         return f"--engine auto: no engine fits {where} (per device: {tried}); more GPUs, a larger GPU or a smaller job"
     if choice["fits"] is None:
         return f"--engine auto: {choice['engine']} (no device memory limit known here: the cheapest engine)"
-    cheaper = [c for c in choices[:choices.index(choice)]]
-    why = (" (" + ", ".join(f"{c['engine']} needs {c['per_device_peak']:.1f}" for c in cheaper) + ")") if cheaper else ""
+    cheaper = ", ".join(f"{c['engine']} needs {c['per_device_peak']:.1f}" for c in choices[:choices.index(choice)])
+    why = f" ({cheaper})" if cheaper else ""
     return (f"--engine auto: {choice['engine']}{' ' + choice['flag'] if choice['flag'] else ''}, "
             f"{choice['per_device_peak']:.1f} GB per device on {where}; the cheapest that fits{why}")
 
@@ -247,7 +247,8 @@ def planned(args, settings, target: Target, stats, options_fn=None) -> dict:
     shape = model_shape(read_config(args.model_name_or_path))
     plan = compute(args, settings, target, shape, stats)
     options = None
-    if target.memory_bytes and plan["memory_gb"]["per_device_peak"] * GiB > target.memory_bytes * HEADROOM and options_fn:
+    over = target.memory_bytes and plan["memory_gb"]["per_device_peak"] * GiB > target.memory_bytes * HEADROOM
+    if over and options_fn:
         options = options_fn(args, settings, target, shape, stats)
     plan["fit"] = fit_verdict(plan, options)
     return plan

@@ -15,8 +15,12 @@ quantization states moved to the device.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+log = logging.getLogger("qlaunch")
 
 
 def engine_param_dtype(ds_config: dict) -> torch.dtype | None:
@@ -93,4 +97,6 @@ def partition_for_zero3(model: nn.Module, ds_config: dict, device: torch.device)
         deepspeed.zero.Init(module=model, config_dict_or_path=ds_config, dtype=dtype)
     finally:
         del model.parameters
+    log.info("ZeRO-3: %d parameters partitioned across %d ranks as they left rank 0's host memory.",
+             count, torch.distributed.get_world_size())
     return count

@@ -4,7 +4,8 @@ Written by hand rather than through `tokenizer.pad` so that it works for any tok
 including remote-code ones (Qwen-7B's tiktoken tokenizer) whose padding support is partial.
 Padding goes on the right; padded positions get attention 0 and label -100. Packed rows (position
 ids restarting per sample) carry no attention mask; for flash-attention they are concatenated into
-one row (flattens_packed_rows).
+one row (flattens_packed_rows), with the sample boundaries as flash-attention's varlen arguments
+(varlen_kwargs).
 """
 from __future__ import annotations
 
@@ -27,13 +28,27 @@ def flattens_packed_rows(attn_implementation: str | None) -> bool:
     return bool(is_flash_attention_requested(requested_attention_implementation=attn_implementation))
 
 
+def varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """cu_seq_lens_q/_k (int32 [0, l1, l1+l2, ..., total]) and max_length_q/_k (ints) of one flattened
+    row: each run of positions restarting at 0 is one sequence (every sample, and the padding after them).
+
+    Without them transformers' flash-attention path re-derives these from position_ids in every layer
+    (_is_packed_sequence, prepare_fa_kwargs_from_position_ids), with device syncs; here they come from the
+    small CPU tensor once per batch, and the model passes them through to each layer's attention."""
+    starts = (position_ids == 0).nonzero().flatten().tolist()
+    cu_seq_lens = torch.tensor(starts + [len(position_ids)], dtype=torch.int32)
+    longest = int(cu_seq_lens.diff().max())
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": longest, "max_length_k": longest}
+
+
 class PaddingCollator:
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, flatten_packed: bool = False):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.flatten_packed = flatten_packed
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor | int]:
         if self.flatten_packed and "position_ids" in items[0]:
             items = [{key: [v for item in items for v in item[key]] for key in ("input_ids", "labels", "position_ids")}]
         length = max(len(item["input_ids"]) for item in items)
@@ -55,5 +70,6 @@ class PaddingCollator:
                 position_ids[row, :n] = torch.tensor(item["position_ids"])
                 position_ids[row, n:] = torch.arange(length - n)
         if packed:
-            return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+            batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+            return {**batch, **varlen_kwargs(position_ids[0])} if self.flatten_packed else batch
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

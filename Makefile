@@ -62,6 +62,7 @@ bench: $(VENV)/.all
 	$(PY) bench/throughput.py
 	$(PY) bench/tokenization.py
 	$(PY) bench/logits_memory.py
+	$(PY) bench/merge_memory.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -23,19 +23,7 @@ import torch
 
 from qlaunch.config.domains import MERGE, CommandParser
 from qlaunch.config.errors import UsageError
-
-
-def dequantized_weight(module) -> torch.Tensor | None:
-    """The [out_features, in_features] float weight a quantized linear computes with, or None."""
-    weight = getattr(module, "weight", None)
-    if weight is not None and weight.__class__.__name__ == "Params4bit":
-        import bitsandbytes as bnb
-
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
-    if hasattr(module, "qweight") and hasattr(module, "dequantize_weight"):
-        w = module.dequantize_weight().float()
-        return w.t() if w.shape == (module.in_features, module.out_features) else w
-    return None
+from qlaunch.model.inference import dequantized_weight
 
 
 def plain_copy(quantized_model, dtype: torch.dtype):
@@ -91,17 +79,6 @@ def probe_conversations(adapter: str, probe_data: str | None, limit: int) -> tup
     return BUILTIN_PROBES[:limit], "built-in"
 
 
-def probe_logits(model, tokenizer, conversations, max_tokens: int = 128) -> list[torch.Tensor]:
-    model.eval()
-    outputs = []
-    for messages in conversations:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :max_tokens]
-        with torch.no_grad():
-            outputs.append(model(input_ids=ids.to(model.device)).logits[0].float().cpu())
-    return outputs
-
-
 def compare_logits(merged: list[torch.Tensor], reference: list[torch.Tensor]) -> dict:
     diffs = torch.cat([(m - r).abs().flatten() for m, r in zip(merged, reference)])
     agree = sum(int((m.argmax(-1) == r.argmax(-1)).sum()) for m, r in zip(merged, reference))
@@ -135,45 +112,25 @@ def decisive_agreement(saved: list[torch.Tensor], kernel: list[torch.Tensor], ex
             "decisive_top1_agreement": agree / decisive if decisive else 1.0}
 
 
-def merge_report(adapter: str, out: str, quant: str | None, dtype: str, into: str, conversations: list, source: str,
-                 proof: dict, exact: list[torch.Tensor], trust_remote_code: bool) -> dict:
-    """The proof (exact_proof), then, as information, the saved model against the adapter model as it
-    trained (the base's 4-bit kernels + adapter)."""
-    from transformers import AutoModelForCausalLM
-
-    from qlaunch.model.inference import load_for_inference
-
-    kernel_model, tokenizer = load_for_inference(adapter=adapter, device="cpu", trust_remote_code=trust_remote_code)
-    kernel = probe_logits(kernel_model, tokenizer, conversations)
-    del kernel_model
-    saved_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    saved = probe_logits(saved_model, tokenizer, conversations)
+def kernel_information(saved: list[torch.Tensor], kernel: list[torch.Tensor], exact: list[torch.Tensor]) -> dict:
+    """As information: the saved model against the adapter model as it trained (the base's own kernels)."""
     report = compare_logits(saved, kernel)
     report.update(decisive_agreement(saved, kernel, exact))
-    full = quant is None and dtype == "float32"
-    report.update(merged_into=into, probes=source, probe_samples=len(conversations), dtype=dtype,
-                  min_top1_agreement=MIN_TOP1_EXACT if full else MIN_TOP1_QUANTIZED,
-                  exact=proof, saved_vs_exact_max_abs_logit_diff=max(float((a - b).abs().max())
-                                                                   for a, b in zip(saved, exact)))
-    report["within_tolerance"] = proof["passed"]
-    with open(os.path.join(out, REPORT), "w") as f:
-        json.dump(report, f, indent=2)
+    report["saved_vs_exact_max_abs_logit_diff"] = max(float((a - b).abs().max()) for a, b in zip(saved, exact))
     return report
 
 
-def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32",
-          trust_remote_code: bool = False, probe_data: str | None = None, probe_samples: int = 8) -> dict:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+def merge(adapter: str, out: str, base: str | None = None, dtype: str = "auto",
+          trust_remote_code: bool = False, probe_data: str | None = None, probe_samples: int = 8,
+          max_shard_gb: float = 5.0) -> dict:
+    from transformers import AutoConfig
 
     from qlaunch.config.files import overlap_problems
-    from qlaunch.model.inference import (
-        adapter_base,
-        load_for_inference,
-        read_run_info,
-        remote_code_problem,
-    )
-    from qlaunch.model.load import load_tokenizer
+    from qlaunch.model import merge_proof as passes
+    from qlaunch.model.inference import adapter_base, load_for_inference, read_run_info, remote_code_problem
+    from qlaunch.model.load import unquantized_config
+    from qlaunch.model.merge_stream import StreamingMerge, output_dtype
+    from qlaunch.model.shards import CheckpointReader
     from qlaunch.train.checkpoints import staged_output
 
     given_base = base
@@ -186,37 +143,51 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32
         raise UsageError(problem)
     if probe_data and not os.path.isfile(probe_data):
         raise UsageError(f"--probe_data: file not found: {probe_data!r}. Pass a .json or .jsonl data file.")
-    trained_quant = read_run_info(adapter).get("quant_method")
+    info_run = read_run_info(adapter)
     # --base: merge into that full-precision checkpoint, as given (to compare the two routes).
-    quant = None if given_base else trained_quant
-    if quant == "gptq":  # the trainable kernel keeps the packed layout that dequantize_weight() reads
-        from qlaunch.model.gptq import gptq_training_config
-
-        base_model = AutoModelForCausalLM.from_pretrained(
-            base, quantization_config=gptq_training_config(), device_map={"": "cpu"}, dtype=torch.float32,
-            trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(base, trust_remote_code)
-    else:
-        base_model, tokenizer = load_for_inference(base, None, quantization=quant or "none", device="cpu",
-                                                   trust_remote_code=trust_remote_code)
-    plain = plain_copy(base_model, torch.float32) if quant else base_model.float()
-    del base_model
-    conversations, source = probe_conversations(adapter, probe_data, probe_samples)
-    unmerged = PeftModel.from_pretrained(plain, adapter)
-    exact = probe_logits(unmerged, tokenizer, conversations)  # the same float32 weights, adapter unmerged
-    merged = unmerged.merge_and_unload()
-    proof = exact_proof(probe_logits(merged, tokenizer, conversations), exact)
-    merged = merged.to(getattr(torch, dtype))
+    quant = None if given_base else info_run.get("quant_method")
+    torch_dtype = output_dtype(dtype, base)
+    # Headers, config and adapter on a meta skeleton: what cannot be merged is refused before weights load.
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    streaming = StreamingMerge(base, adapter, quant, torch_dtype, config=config,
+                               double_quant=info_run.get("bnb_4bit_use_double_quant", True),
+                               trust_remote_code=trust_remote_code)
+    # The adapter model as it runs for inference: the proof's model, and GPTQ's dequantizer.
+    model, tokenizer = load_for_inference(base, adapter, quantization=quant or "none", device="cpu",
+                                          trust_remote_code=trust_remote_code)
+    if quant == "gptq":
+        streaming.attach_gptq(model.get_base_model())
     into = f"dequantized {quant}" if quant else "base weights"
-    info = {"adapter": os.path.abspath(adapter), "base": base, "merged_into": into, "dtype": dtype}
+    info = {"adapter": os.path.abspath(adapter), "base": base, "merged_into": into, "dtype": str(torch_dtype)[6:]}
     with staged_output(out) as staged:  # config.json lands last: a cut-short merge is not a model
-        merged.save_pretrained(staged)
+        info["files"] = streaming.write(staged, int(max_shard_gb * 2**30))
+        plain = unquantized_config(model.get_base_model().config)
+        plain.dtype = torch_dtype
+        plain.save_pretrained(staged)
+        generation = getattr(model.get_base_model(), "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
         with open(os.path.join(staged, "merge_info.json"), "w") as f:
             json.dump(info, f, indent=2)
-    del merged, plain, unmerged
-    info["report"] = merge_report(adapter, out, trained_quant, dtype, into, conversations, source, proof, exact,
-                                  trust_remote_code)
+    conversations, source = probe_conversations(adapter, probe_data, probe_samples)
+    batch = passes.probe_batch(tokenizer, conversations)
+    saved_files = CheckpointReader(out)
+    exact = passes.exact_pass(model, batch)
+    merged, mismatched = passes.merged_pass(model, batch, streaming, saved_files)
+    mismatched += streaming.mismatched_copies(saved_files)
+    proof = exact_proof(merged, exact)
+    proof.update(saved_tensors_mismatched=mismatched[:10], passed=proof["passed"] and not mismatched)
+    saved = passes.saved_pass(model, batch, saved_files)
+    kernel = passes.batch_logits(model, batch)  # last: a GPTQ kernel repacks itself on its first forward
+    report = kernel_information(saved, kernel, exact)
+    report.update(merged_into=into, probes=source, probe_samples=len(conversations), dtype=info["dtype"],
+                  files=len(info["files"]), exact=proof, within_tolerance=proof["passed"],
+                  min_top1_agreement=MIN_TOP1_EXACT if quant is None and torch_dtype == torch.float32
+                  else MIN_TOP1_QUANTIZED)
+    with open(os.path.join(out, REPORT), "w") as f:
+        json.dump(report, f, indent=2)
+    info["report"] = report
     return info
 
 
@@ -225,7 +196,10 @@ def main(argv=None) -> None:
     parser.add_argument("--adapter", required=True, help="adapter directory (a LoRA / Q-LoRA run's output_dir)")
     parser.add_argument("--out", required=True, help="directory for the merged model")
     parser.add_argument("--base", help="base model (default: the one recorded in the adapter)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="dtype of the merged weights (default auto: the base's own, e.g. bfloat16)")
+    parser.add_argument("--max_shard_gb", type=float, default=5.0,
+                        help="largest output file in GB (default 5); the model is written one tensor at a time")
     parser.add_argument("--probe_data", help="conversations to compare merged vs adapter model on "
                         "(default: the adapter's training data, else built-in prompts)")
     parser.add_argument("--probe_samples", type=int, default=8, help="how many probe conversations (default 8)")
@@ -234,24 +208,27 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         info = merge(args.adapter, args.out, args.base, args.dtype, args.trust_remote_code, args.probe_data,
-                     args.probe_samples)
+                     args.probe_samples, args.max_shard_gb)
     except UsageError as e:
         print(e.render("qlaunch.merge"), file=sys.stderr)
         sys.exit(2)
-    print(f"merged {info['adapter']} into the {info['merged_into']} of {info['base']} → {args.out} ({args.dtype})")
+    print(f"merged {info['adapter']} into the {info['merged_into']} of {info['base']} → {args.out} "
+          f"({info['dtype']}, {len(info['files'])} file(s), written one tensor at a time)")
     r = info["report"]
     e = r["exact"]
     print(f"proof: merged vs the adapter unmerged on the same float32 weights, {r['probe_samples']} probes "
           f"({r['probes']}, {r['positions']} positions): max |logit diff| {e['max_abs_logit_diff']:.3g} "
           f"(bound {e['bound']:.3g}) → {'exact' if e['passed'] else 'FAILED'}")
-    print(f"information: the saved {args.dtype} model vs the adapter on the base's own kernels: max |logit diff| "
+    print(f"information: the saved {info['dtype']} model vs the adapter on the base's own kernels: max |logit diff| "
           f"{r['max_abs_logit_diff']:.3g}; top-1 agreement {r['decisive_top1_agreement']:.2%} of "
           f"{r['decisive_positions']} positions whose margin exceeds the kernels' noise ({r['kernel_noise']:.3g}; "
           f"{r['near_ties']} near-ties) → {os.path.join(args.out, REPORT)}")
     if not r["within_tolerance"]:
-        print(f"qlaunch.merge: error: the merged model is not the adapter model on the same weights (max |logit "
-              f"diff| {e['max_abs_logit_diff']:.3g} > {e['bound']:.3g}); do not ship it (exit {EXIT_MISMATCH}).",
-              file=sys.stderr)
+        why = (f"{len(e['saved_tensors_mismatched'])}+ saved tensors are not the merged ones "
+               f"({e['saved_tensors_mismatched'][0]})" if e["saved_tensors_mismatched"] else
+               f"max |logit diff| {e['max_abs_logit_diff']:.3g} > {e['bound']:.3g}")
+        print(f"qlaunch.merge: error: the merged model is not the adapter model on the same weights ({why}); "
+              f"do not ship it (exit {EXIT_MISMATCH}).", file=sys.stderr)
         sys.exit(EXIT_MISMATCH)
     if args.base:
         print("note: merged into the given full-precision --base, not the weights the adapter was trained against; "

@@ -106,7 +106,7 @@ FINETUNE = {
 
 
 # the other commands' numeric flags
-MERGE = {"probe_samples": Domain(int, 1, 100_000)}
+MERGE = {"probe_samples": Domain(int, 1, 100_000), "max_shard_gb": Domain(float, 0, low_open=True, hint="e.g. 5")}
 QUANTIZE = {
     "num_samples": Domain(int, 1, says="at least 1 calibration sample is needed"),
     "model_max_length": Domain(int, 2, says="must be at least 2 tokens"),

@@ -55,6 +55,19 @@ def remote_code_problem(base: str, adapter: str | None, trust_remote_code: bool)
     return None
 
 
+def dequantized_weight(module) -> torch.Tensor | None:
+    """The [out_features, in_features] float weight a quantized linear computes with, or None."""
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.__class__.__name__ == "Params4bit":
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    if hasattr(module, "qweight") and hasattr(module, "dequantize_weight"):
+        w = module.dequantize_weight().float()
+        return w.t() if w.shape == (module.in_features, module.out_features) else w
+    return None
+
+
 def inference_dtype(quant: str | None, machine) -> torch.dtype:
     if not machine.cuda:
         return torch.float32

@@ -39,7 +39,7 @@ def test_merged_model_matches_trained_adapter(kind, demo, tmp_path):
     ids = torch.randint(4, 400, (2, 12), generator=torch.Generator().manual_seed(0))
     trained = logits(trainer.model, ids)
 
-    info = merge(str(out), str(tmp_path / "merged"))
+    info = merge(str(out), str(tmp_path / "merged"), dtype="float32")
     assert info["merged_into"] == f"dequantized {kind}"
     report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
     assert report == info["report"] and report["probes"] == demo["train"]  # the adapter's training data
@@ -112,30 +112,75 @@ def test_lora_merge_report_and_base_route(demo, tmp_path):
     assert routes["given base"]["merged_into"] == "base weights"
 
 
-def test_a_wrong_merge_fails_the_proof_with_exit_4(demo, tmp_path, monkeypatch, capsys):
-    """A merge with the wrong scaling (here: B doubled as it merges) is far outside float round-off of the
-    unmerged adapter on the same weights: exit 4, whatever the 4-bit kernels' noise."""
-    from peft.tuners.lora import LoraModel
+FAULTS = ("scaling", "transposed", "wrong base")
 
+
+def inject(fault: str, kind: str, monkeypatch) -> None:
+    """A deliberately wrong merge: B doubled (scaling), the LoRA update transposed (square layers), or merged
+    into other weights than the adapter was trained against (the base scaled by 1.01 before dequantizing)."""
+    from peft.tuners.lora.layer import Linear
+
+    from qlaunch.model.merge_stream import Dequantizer, StreamingMerge
+
+    if fault in ("scaling", "transposed"):
+        real_delta = Linear.get_delta_weight
+
+        def delta(self, adapter):
+            d = real_delta(self, adapter)
+            return 2 * d if fault == "scaling" else (d.T if d.shape[0] == d.shape[1] else d)
+        monkeypatch.setattr(Linear, "get_delta_weight", delta)
+    elif kind == "lora":
+        real_tensors = StreamingMerge.module_tensors
+
+        def tensors(self, module):
+            read = self.reader.read
+            self.reader.read = lambda name: read(name) * 1.01 if name.endswith(".weight") else read(name)
+            try:
+                return real_tensors(self, module)
+            finally:
+                del self.reader.read
+        monkeypatch.setattr(StreamingMerge, "module_tensors", tensors)
+    else:
+        real_weight = Dequantizer.weight
+        monkeypatch.setattr(Dequantizer, "weight",
+                            lambda self, module, reader: 1.01 * real_weight(self, module, reader))
+
+
+@pytest.fixture(scope="module")
+def held_out_adapters(demo, tmp_path_factory):
+    """The held-out case of the issue: 5 steps at lr 5e-3, for LoRA, NF4 and GPTQ bases."""
+    root = tmp_path_factory.mktemp("held_out")
+    gptq = pytest.importorskip("qlaunch.model.gptq_pack").make_gptq_checkpoint(demo["model"], str(root / "gptq_base"))
+    adapters = {}
+    for kind, model, flag in (("lora", demo["model"], "--use_lora"), ("nf4", demo["model"], "--q_lora"),
+                              ("gptq", gptq, "--q_lora")):
+        adapters[kind] = str(root / kind)
+        fit(prepare(["--model_name_or_path", model, "--data_path", demo["train"], "--output_dir", adapters[kind],
+                     flag, *FAST, "--max_steps", "5", "--learning_rate", "5e-3"]))
+    return adapters
+
+
+@pytest.mark.parametrize("kind", ["lora", "nf4", "gptq"])
+def test_correct_merges_pass_and_each_wrong_merge_fails_the_proof_with_exit_4(kind, held_out_adapters, tmp_path,
+                                                                              monkeypatch, capsys):
+    """The exact proof passes the correct float32 merge (the held-out case: NF4, 5 steps, lr 5e-3, whose
+    argmax flips under the kernels' rounding) and fails each wrong one far outside float round-off: exit 4."""
     from qlaunch import merge as merge_cmd
 
-    out = tmp_path / "adapter"
-    fit(prepare(["--model_name_or_path", demo["model"], "--data_path", demo["train"], "--output_dir", str(out),
-                 "--q_lora", *FAST]))
-    real = LoraModel.merge_and_unload
-
-    def doubled(self, *args, **kwargs):
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if "lora_B" in name:
-                    p.mul_(2)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(LoraModel, "merge_and_unload", doubled)
-    with pytest.raises(SystemExit) as exit_info:
-        merge_cmd.main(["--adapter", str(out), "--out", str(tmp_path / "merged")])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == merge_cmd.EXIT_MISMATCH, err
-    assert "is not the adapter model on the same weights" in err
-    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
-    assert not report["exact"]["passed"] and report["exact"]["max_abs_logit_diff"] > 10 * report["exact"]["bound"]
+    adapter = held_out_adapters[kind]
+    merge_cmd.main(["--adapter", adapter, "--out", str(tmp_path / "right"), "--dtype", "float32"])
+    right = json.loads((tmp_path / "right" / "merge_report.json").read_text())
+    assert right["exact"]["passed"] and right["exact"]["max_abs_logit_diff"] < 1e-4, right["exact"]
+    assert right["exact"]["saved_tensors_mismatched"] == []
+    for fault in FAULTS:
+        with monkeypatch.context() as patch:
+            inject(fault, kind, patch)
+            with pytest.raises(SystemExit) as exit_info:
+                merge_cmd.main(["--adapter", adapter, "--out", str(tmp_path / fault.replace(" ", "_"))])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == merge_cmd.EXIT_MISMATCH, (fault, err)
+        assert "is not the adapter model on the same weights" in err
+        report = json.loads((tmp_path / fault.replace(" ", "_") / "merge_report.json").read_text())
+        exact = report["exact"]
+        print(kind, fault, exact["max_abs_logit_diff"], exact["bound"])
+        assert not exact["passed"] and exact["max_abs_logit_diff"] > 10 * exact["bound"], (fault, exact)

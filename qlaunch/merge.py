@@ -129,7 +129,8 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "auto",
     from qlaunch.model import merge_proof as passes
     from qlaunch.model.inference import adapter_base, load_for_inference, read_run_info, remote_code_problem
     from qlaunch.model.load import unquantized_config
-    from qlaunch.model.merge_stream import StreamingMerge, output_dtype
+    from qlaunch.config.machine import Machine
+    from qlaunch.model.merge_stream import StreamingMerge, merge_device, output_dtype
     from qlaunch.model.shards import CheckpointReader
     from qlaunch.train.checkpoints import staged_output
 
@@ -149,16 +150,19 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "auto",
     torch_dtype = output_dtype(dtype, base)
     # Headers, config and adapter on a meta skeleton: what cannot be merged is refused before weights load.
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    device, why = merge_device(Machine.detect(), quant)
     streaming = StreamingMerge(base, adapter, quant, torch_dtype, config=config,
                                double_quant=info_run.get("bnb_4bit_use_double_quant", True),
-                               trust_remote_code=trust_remote_code)
-    # The adapter model as it runs for inference: the proof's model, and GPTQ's dequantizer.
-    model, tokenizer = load_for_inference(base, adapter, quantization=quant or "none", device="cpu",
-                                          trust_remote_code=trust_remote_code)
+                               trust_remote_code=trust_remote_code, device=device)
+    print(f"merging on {device} ({why}), one tensor at a time", file=sys.stderr)
+    # The adapter model as it runs for inference, in float32: the proof's model, and GPTQ's dequantizer.
+    model, tokenizer = load_for_inference(base, adapter, quantization=quant or "none", device=device,
+                                          trust_remote_code=trust_remote_code, dtype=torch.float32)
     if quant == "gptq":
         streaming.attach_gptq(model.get_base_model())
     into = f"dequantized {quant}" if quant else "base weights"
-    info = {"adapter": os.path.abspath(adapter), "base": base, "merged_into": into, "dtype": str(torch_dtype)[6:]}
+    info = {"adapter": os.path.abspath(adapter), "base": base, "merged_into": into, "dtype": str(torch_dtype)[6:],
+            "device": device}
     with staged_output(out) as staged:  # config.json lands last: a cut-short merge is not a model
         info["files"] = streaming.write(staged, int(max_shard_gb * 2**30))
         plain = unquantized_config(model.get_base_model().config)

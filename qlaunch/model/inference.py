@@ -82,6 +82,7 @@ def load_for_inference(
     quantization: str | None = "auto",
     device: str | None = None,
     trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
 ):
     """Return (model, tokenizer) in eval mode.
 
@@ -111,7 +112,7 @@ def load_for_inference(
 
     machine = CPU if device == "cpu" else Machine.detect()
     cuda = machine.cuda
-    dtype = inference_dtype(quant, machine)
+    dtype = dtype or inference_dtype(quant, machine)
     lora_args = SimpleNamespace(
         bnb_4bit_use_double_quant=info.get("bnb_4bit_use_double_quant", True),
         bnb_4bit_quant_storage=None,

@@ -125,7 +125,7 @@ def merged_pass(model, batch, merge, saved) -> tuple[list[torch.Tensor], list[st
         tensors = merge.module_tensors(name)
         for leaf, value in tensors.items():
             stored = saved.read(f"{name}.{leaf}")
-            if stored.dtype != merge.dtype or not torch.equal(stored, value.to(merge.dtype)):
+            if stored.dtype != merge.dtype or not torch.equal(stored, value.to(merge.dtype).cpu()):
                 mismatched.append(f"{name}.{leaf}")
         return tensors["weight"], tensors.get("bias")
 
@@ -148,10 +148,16 @@ def saved_pass(model, batch, saved) -> list[torch.Tensor]:
         name = name.replace(".modules_to_save.default", "").replace(".original_module", "")
         return saved.read(tied.get(name, name)).float()
 
-    replaced = {m: linear_with(lambda n=n: (read(n + ".weight"),
-                                            read(n + ".bias") if n + ".bias" in saved.location else None))
+    def read_param(name):  # hooks run where the model is
+        return read(name).to(model.device)
+
+    def read_on(name, module):
+        return read(name).to(next(module.parameters()).device)
+
+    replaced = {m: linear_with(lambda n=n, m=m: (read_on(n + ".weight", m),
+                                                 read_on(n + ".bias", m) if n + ".bias" in saved.location else None))
                 for n, m in linear.items()}
-    with forwards(replaced), parameters_from(others, read):
+    with forwards(replaced), parameters_from(others, read_param):
         return batch_logits(model, batch)
 
 

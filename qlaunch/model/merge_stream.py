@@ -93,14 +93,15 @@ class Dequantizer:
         else:
             self.modules = set()
 
-    def weight(self, module: str, reader: CheckpointReader) -> torch.Tensor:
+    def weight(self, module: str, reader: CheckpointReader, device: torch.device) -> torch.Tensor:
         if self.quant == "gptq":
             layer = self.gptq.get_submodule(module)  # peft-wrapped: the quantized layer is its base layer
-            return dequantized_weight(layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer)
+            layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+            return dequantized_weight(layer).to(device)
         import bitsandbytes.functional as F
 
-        packed, state = F.quantize_4bit(reader.read(module + ".weight").float(), quant_storage=torch.uint8,
-                                        **self.nf4[module])
+        packed, state = F.quantize_4bit(reader.read(module + ".weight").to(device).float(),
+                                        quant_storage=torch.uint8, **self.nf4[module])
         return F.dequantize_4bit(packed, state).float()
 
 
@@ -108,7 +109,7 @@ class StreamingMerge:
     """What each output tensor is (its name, dtype, shape) and its merged float32 value, module by module."""
 
     def __init__(self, base: str, adapter: str, quant: str | None, dtype: torch.dtype, *, config,
-                 double_quant=True, trust_remote_code: bool = False):
+                 double_quant=True, trust_remote_code: bool = False, device: str = "cpu"):
         """Reads headers, the config and the adapter only (meta skeleton): cheap, and refuses what it cannot
         merge (UsageError) before any weights load. A GPTQ base needs attach_gptq before writing."""
         try:
@@ -117,6 +118,10 @@ class StreamingMerge:
             raise UsageError(f"base {base!r}: {e}; the merge reads safetensors files (save the base with "
                              "save_pretrained(..., safe_serialization=True) or download its .safetensors).") from None
         self.peft = adapter_on_meta(config, adapter, trust_remote_code)
+        self.device = torch.device(device)
+        for param in self.peft.parameters():  # the adapter's (the base's are meta and stay so)
+            if not param.is_meta:
+                param.data = param.data.to(self.device)
         self.model = self.peft.get_base_model()
         self.dequantizer = Dequantizer(quant, config, self.reader, double_quant=double_quant,
                                        trust_remote_code=trust_remote_code)
@@ -182,10 +187,10 @@ class StreamingMerge:
         from peft.tuners.lora import LoraLayer
 
         layer = self.model.get_submodule(module)
-        weight = (self.dequantizer.weight(module, self.reader) if module in self.dequantizer.modules
-                  else self.reader.read(module + ".weight").float())
+        weight = (self.dequantizer.weight(module, self.reader, self.device) if module in self.dequantizer.modules
+                  else self.reader.read(module + ".weight").to(self.device).float())
         bias_name = module + ".bias"
-        bias = self.reader.read(bias_name).float() if bias_name in self.reader.location else None
+        bias = self.reader.read(bias_name).to(self.device).float() if bias_name in self.reader.location else None
         if not isinstance(layer, LoraLayer):
             return {"weight": weight} | ({"bias": bias} if bias is not None else {})
         base = layer.get_base_layer()
@@ -235,7 +240,20 @@ class StreamingMerge:
         computed = self.merged_modules()
         return [name for name, dtype, _ in self.tensors
                 if name.rpartition(".")[0] not in computed
-                and not torch.equal(saved.read(name), self.copied(name).to(dtype))]
+                and not torch.equal(saved.read(name), self.copied(name).to(dtype).cpu())]
+
+
+def merge_device(machine, quant: str | None) -> tuple[str, str]:
+    """(where the merge computes, why), from the device facts (pure: tested with GPU facts).
+
+    On a GPU the dequantization, the LoRA update and the proof's forwards run there, and NF4 is quantized by
+    the CUDA kernel, as training on that GPU quantized it. A GPTQ base stays on the CPU: on CUDA it loads
+    for inference with gptqmodel's repacking kernels (Marlin/ExLlama), which do not dequantize back."""
+    if not machine.cuda:
+        return "cpu", "no GPU"
+    if quant == "gptq":
+        return "cpu", "GPTQ's CUDA inference kernels repack their weights and cannot dequantize them"
+    return "cuda", f"GPU: {machine.name or 'CUDA device 0'}"
 
 
 def output_dtype(requested: str, base: str) -> torch.dtype:

@@ -143,7 +143,7 @@ def inject(fault: str, kind: str, monkeypatch) -> None:
     else:
         real_weight = Dequantizer.weight
         monkeypatch.setattr(Dequantizer, "weight",
-                            lambda self, module, reader: 1.01 * real_weight(self, module, reader))
+                            lambda self, module, reader, device: 1.01 * real_weight(self, module, reader, device))
 
 
 @pytest.fixture(scope="module")

@@ -161,3 +161,15 @@ def test_what_cannot_be_streamed_is_refused_with_exit_2_before_any_weights_load(
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and says in err and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1 and not out.exists() and loads == []
+
+
+def test_the_merge_computes_on_a_gpu_except_for_gptq_bases():
+    from qlaunch.config.machine import CPU, gpu
+    from qlaunch.model.merge_stream import merge_device
+
+    h100 = gpu((9, 0), "NVIDIA H100")
+    assert merge_device(h100, "nf4") == ("cuda", "GPU: NVIDIA H100")
+    assert merge_device(h100, None)[0] == "cuda" and merge_device(gpu((7, 5)), "fp4")[0] == "cuda"
+    device, why = merge_device(h100, "gptq")
+    assert device == "cpu" and "cannot dequantize" in why
+    assert merge_device(CPU, "nf4") == ("cpu", "no GPU") and merge_device(CPU, "gptq")[0] == "cpu"

@@ -30,13 +30,19 @@ def requested(value) -> str | None:
     return "auto" if str(value).lower() in AUTO else str(value)
 
 
+def numbered_checkpoints(output_dir: str) -> list[str]:
+    """The checkpoint-N directories in output_dir, newest (highest N) first."""
+    numbered = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir)
+                       if (m := CHECKPOINT.match(name)) and os.path.isdir(os.path.join(output_dir, name))),
+                      reverse=True)
+    return [os.path.join(output_dir, name) for _, name in numbered]
+
+
 def newest_checkpoint(output_dir: str | None) -> str | None:
     """The newest complete checkpoint-N in output_dir (what `auto` resumes from), without side effects."""
     if not output_dir or not os.path.isdir(output_dir):
         return None
-    numbered = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT.match(name))),
-                      reverse=True)
-    return next((path for _, name in numbered if is_complete(path := os.path.join(output_dir, name))), None)
+    return next((path for path in numbered_checkpoints(output_dir) if is_complete(path)), None)
 
 
 def checkpoint_problems(path: str, flag: str, lora_r: int | None) -> list[str]:

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 
-from qlaunch.config.resume import CHECKPOINT, is_complete
+from qlaunch.config.resume import is_complete, numbered_checkpoints
 
 log = logging.getLogger("qlaunch")
 
@@ -176,11 +176,7 @@ def newest_complete_checkpoint(output_dir: str) -> str | None:
             log.warning("Skipping %s: a checkpoint interrupted while being written (removed).",
                         os.path.join(staging, name))
         shutil.rmtree(staging, ignore_errors=True)
-    candidates = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir)
-                         if (m := CHECKPOINT.match(name)) and os.path.isdir(os.path.join(output_dir, name))),
-                        reverse=True)
-    for _, name in candidates:
-        path = os.path.join(output_dir, name)
+    for path in numbered_checkpoints(output_dir):
         if is_complete(path):
             return path
         log.warning("Skipping %s: incomplete (no trainer_state.json or weights).", path)

@@ -39,6 +39,11 @@ DIMS = {
     "meta-llama/Meta-Llama-3-70B-Instruct": _llama("llama", 8192, 28672, 80, 64, 8, 128256),
     "meta-llama/Llama-2-70b-hf": _llama("llama", 8192, 28672, 80, 64, 8, 32000),
     "mistralai/Mistral-7B-Instruct-v0.3": _llama("mistral", 4096, 14336, 32, 32, 8, 32768),
+    "Qwen/Qwen3-30B-A3B": {**_llama("qwen3_moe", 2048, 6144, 48, 32, 4, 151936), "head_dim": 128,
+                           "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+                           "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": {**_llama("mixtral", 4096, 14336, 32, 32, 8, 32000),
+                                             "num_local_experts": 8, "num_experts_per_tok": 2},
 }
 # The real config.json (and the Int4 variant's quantization_config added) where ../shared has it.
 SHARED = {

@@ -80,6 +80,14 @@ class LoraArguments:
             "nargs": "+",
         },
     )
+    lora_target_parameters: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Parameters to adapt directly (peft's target_parameters), e.g. mlp.experts.gate_up_proj "
+            "mlp.experts.down_proj for the fused experts of an MoE base (Qwen3-MoE, Mixtral); default none.",
+            "nargs": "+",
+        },
+    )
     lora_weight_path: str | None = field(
         default=None, metadata={"help": "An existing adapter directory to continue training from."}
     )
@@ -250,7 +258,7 @@ def load_yaml_recipe(path: str) -> dict[str, Any]:
 
 def _split_comma_lists(namespace: argparse.Namespace) -> None:
     """Accept `--lora_target_modules q_proj,v_proj` and YAML strings as well as lists."""
-    for name in ("lora_target_modules", "lora_modules_to_save"):
+    for name in ("lora_target_modules", "lora_modules_to_save", "lora_target_parameters"):
         value = getattr(namespace, name, None)
         if value is None:
             continue

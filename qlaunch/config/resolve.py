@@ -41,6 +41,7 @@ class Settings:
     zero3_init: bool = False  # ZeRO-3 + 4-bit: partitioned before the engine places it (model/zero3_init)
     shard_gptq: bool = False  # ZeRO-3 / FSDP2 + GPTQ: packed weights as shardable parameters (model/gptq_shard)
     signal_lead: float | None = None  # seconds from SLURM's warning to the kill (QLAUNCH_SIGNAL_LEAD)
+    experts: Any = None  # an MoE base's experts (qlaunch.config.moe.Experts), counted before loading
     model: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -89,6 +90,8 @@ def resolve_quantization(ns: argparse.Namespace, path: str | None, settings: Set
     missing = require_library(settings.quant_method)
     if missing:
         settings.problems.append(missing)
+    if path and os.path.isdir(path) and not settings.problems:
+        resolve_experts(ns, path, settings)
     if settings.quant_method == "gptq" and ns.lora_modules_to_save and use_lora:
         from qlaunch.config.checkpoint import GPTQ_EMBEDDINGS
 
@@ -96,6 +99,40 @@ def resolve_quantization(ns: argparse.Namespace, path: str | None, settings: Set
     if settings.quant_method == "gptq" and getattr(ns, "use_dora", False) and use_lora:
         settings.problems.append("--use_dora with a GPTQ base: peft has no DoRA layer for GPTQ kernels (its "
                                  "QuantLinear refuses it); use plain LoRA (optionally --use_rslora) or an NF4 base.")
+
+
+def resolve_experts(ns: argparse.Namespace, path: str, settings: Settings) -> None:
+    """An MoE base's experts (qlaunch.config.moe), counted on its meta skeleton when its config is an MoE or
+    --lora_target_parameters names parameters to check: 4-bit that would leave the experts 16-bit is refused."""
+    from qlaunch.config.checkpoint import read_config
+    from qlaunch.config.moe import (
+        count_experts,
+        fused_experts_problem,
+        is_moe,
+        meta_skeleton,
+        unknown_target_parameters,
+    )
+
+    config = read_config(path)
+    wanted = getattr(ns, "lora_target_parameters", None)
+    if not (is_moe(config) or wanted):
+        return
+    try:
+        skeleton = meta_skeleton(path, ns.trust_remote_code)
+    except Exception as e:  # a config transformers cannot build: the load reports it with its own words
+        settings.notes.append(f"could not build {path!r} on the meta device to count its experts ({e})")
+        return
+    unknown = unknown_target_parameters(wanted, skeleton)
+    if unknown:
+        settings.problems.append(f"--lora_target_parameters {' '.join(unknown)}: no parameter of that name in "
+                                 f"{path!r}; name a parameter, e.g. mlp.experts.gate_up_proj.")
+    if is_moe(config):
+        settings.experts = count_experts(config, skeleton)
+        settings.notes.append(settings.experts.text())
+        if settings.quant_method in ("nf4", "fp4"):
+            problem = fused_experts_problem(settings.experts, settings.quant_method)
+            if problem:
+                settings.problems.append(problem)
 
 
 def shard_4bit_storage(ns: argparse.Namespace, settings: Settings, engine: str) -> None:

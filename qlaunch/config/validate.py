@@ -70,10 +70,14 @@ def _check_values(ns: argparse.Namespace, problems: list[str]) -> None:
             "(or use --truncation truncate)."
         )
     if not (ns.use_lora or ns.q_lora):
-        for flag in ("lora_weight_path", "lora_modules_to_save", "lora_target_modules", "use_dora", "use_rslora",
+        for flag in ("lora_weight_path", "lora_modules_to_save", "lora_target_modules", "lora_target_parameters",
+                     "use_dora", "use_rslora",
                      "loraplus_lr_ratio"):
             if getattr(ns, flag, None):
                 problems.append(f"--{flag} has no effect without --use_lora (or --q_lora).")
+    if getattr(ns, "lora_target_parameters", None) and ns.lora_dropout:
+        problems.append(f"--lora_target_parameters with --lora_dropout {ns.lora_dropout}: peft's LoRA on parameters "
+                        "(ParamWrapper) has no dropout; pass --lora_dropout 0.")
     if ns.quantization != "auto" and not ns.q_lora:
         problems.append(f"--quantization {ns.quantization} has no effect without --q_lora.")
     from qlaunch.config.files import cache_dir_problem

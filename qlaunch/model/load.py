@@ -123,6 +123,10 @@ def load_base_model(
         pinned = pin_training_kernels(model)
         log.info("GPTQ base: kernels %s%s.", kernel_summary(model),
                  f" ({pinned} pinned to their differentiable train mode)" if pinned else "")
+    if engine.zero_stage == 3:
+        from qlaunch.model.moe_blocks import zero3_leaf_moe_blocks
+
+        zero3_leaf_moe_blocks(model)
     return model
 
 

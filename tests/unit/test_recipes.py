@@ -27,9 +27,15 @@ def test_recipe_parses_and_validates(path, demo, tmp_path):
     assert keys <= known, keys - known
     # nanoGPT-style: the command that runs the recipe is written at its top
     assert "finetune.py --config recipes/" in text or "launch/" in text.split("\n\n")[0]
-    args = ["--config", path, "--model_name_or_path", demo["model"], "--data_path", demo["train"],
-            "--output_dir", str(tmp_path)]
     values = yaml.safe_load(text)
+    model = demo["model"]
+    if values.get("lora_target_parameters"):  # an MoE recipe: its expert parameters exist in a tiny MoE of that class
+        from tests.moe_models import build_moe
+
+        model = build_moe("mixtral" if "mixtral" in os.path.basename(path) else "qwen3_moe", str(tmp_path / "moe"),
+                          demo["model"])
+    args = ["--config", path, "--model_name_or_path", model, "--data_path", demo["train"],
+            "--output_dir", str(tmp_path / "out")]
     if values.get("lora_target_modules"):
         # the targets are checked against the model's modules before loading: Qwen(1)'s c_attn, w1, ... are not
         # the demo Llama's (the targets are compared with the recipe below only by name: they are exempt)
@@ -93,13 +99,14 @@ def test_plan_command_on_every_recipe_is_fast_and_reads_only_config(tmp_path):
 
     walls = {}
     for path in RECIPES:
-        gpu, count, model, _ = header(path)
+        gpu, count, model, deepspeed = header(path)
         if os.path.basename(path) in GENERIC or model.startswith("runs/demo"):
             continue
+        engine = ["--deepspeed", os.path.join(REPO, deepspeed)] if deepspeed else []
         model_dir = config_dir(model, str(tmp_path / os.path.basename(path)))
         start = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "qlaunch.plan", "--config", path, "--model_name_or_path",
-                               model_dir, "--gpu", gpu, "--num_gpus", str(count), "--json"],
+                               model_dir, "--gpu", gpu, "--num_gpus", str(count), *engine, "--json"],
                               capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         walls[os.path.basename(path)] = time.monotonic() - start
         assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,0 +1,96 @@
+"""Mixture-of-experts bases: what transformers builds for their experts, known before anything loads.
+
+transformers 5 holds the experts of many MoE classes (Qwen2-MoE, Qwen3-MoE, Mixtral, DeepSeek-style) as fused
+3-D parameters, [experts, out, in], not as nn.Linear modules. bitsandbytes quantizes nn.Linear only, so under
+NF4/FP4 those experts would stay in 16 bits — most of an MoE model — and a "4-bit" run would need nearly the
+memory of a 16-bit one. LoRA reaches them through peft's `target_parameters` (--lora_target_parameters).
+The experts are counted on the model's skeleton built on the meta device (no memory, no weights read).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# config keys transformers' MoE classes use for the number of routed experts per layer
+EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+PER_TOKEN_KEYS = ("num_experts_per_tok", "moe_topk", "num_experts_per_token")
+
+
+@dataclass(frozen=True)
+class Experts:
+    model_type: str
+    experts: int  # routed experts per MoE layer
+    per_token: int  # experts each token is routed to
+    fused_tensors: int  # 3-D expert parameters ([experts, out, in]) that are not nn.Linear
+    fused_params: int
+    total_params: int
+    names: tuple[str, ...]  # the fused parameters' names inside a block, e.g. mlp.experts.gate_up_proj
+
+    @property
+    def active_params(self) -> int:
+        """Parameters a token uses: everything but the experts it is not routed to."""
+        unused = self.fused_params * (1 - self.per_token / self.experts) if self.experts else 0
+        return int(self.total_params - unused)
+
+    def text(self) -> str:
+        return (f"MoE base ({self.model_type}): {self.experts} experts per layer, {self.per_token} per token; "
+                f"{amount(self.total_params)} parameters, {amount(self.active_params)} active per token")
+
+
+def amount(n: float, unit: str = "") -> str:
+    """1.23B / 45.6M / 789k (+ unit): parameter counts and bytes of any model size."""
+    for scale, suffix in ((1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}{unit}"
+    return f"{n:.0f}{' ' + unit if unit else ''}"
+
+
+def is_moe(config: dict) -> bool:
+    return any(int(config.get(k) or 0) > 1 for k in EXPERT_KEYS)
+
+
+def meta_skeleton(model_dir: str, trust_remote_code: bool = False):
+    """The model as transformers builds it, on the meta device (shapes only)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def count_experts(config: dict, model) -> Experts:
+    """The experts of a model skeleton: its 3-D parameters are the fused experts."""
+    fused = [(name, p.numel()) for name, p in model.named_parameters() if p.dim() == 3]
+    experts = next((int(config[k]) for k in EXPERT_KEYS if config.get(k)), 0)
+    per_token = next((int(config[k]) for k in PER_TOKEN_KEYS if config.get(k)), experts)
+    inner = sorted({".".join(n.split(".")[3:]) if n.split(".")[1:2] == ["layers"] else n for n, _ in fused})
+    return Experts(str(config.get("model_type")), experts, per_token, len(fused), sum(n for _, n in fused),
+                   sum(p.numel() for p in model.parameters()), tuple(inner))
+
+
+def experts_of(model_dir: str, config: dict, trust_remote_code: bool = False) -> Experts | None:
+    """The base's experts, or None when its config is not a mixture of experts."""
+    if not is_moe(config):
+        return None
+    return count_experts(config, meta_skeleton(model_dir, trust_remote_code))
+
+
+def fused_experts_problem(experts: Experts, quant_method: str, bytes_per_param: int = 2) -> str | None:
+    """Why 4-bit quantization of this MoE base would not be 4-bit, with the memory that stays 16-bit."""
+    if not experts.fused_tensors:
+        return None
+    share = experts.fused_params / max(experts.total_params, 1)
+    return (f"--q_lora ({quant_method}) on this {experts.model_type} base: its experts are {experts.fused_tensors} "
+            f"fused 3-D parameters, not nn.Linear, so bitsandbytes leaves them in 16 bits — "
+            f"{amount(experts.fused_params)} parameters ({share:.0%} of the model), "
+            f"{amount(experts.fused_params * bytes_per_param, 'B')} — and a 4-bit "
+            "run would need almost a 16-bit run's memory; train LoRA on the 16-bit base instead (--use_lora, "
+            "sharded with --deepspeed ds_configs/zero3.json or --fsdp_config fsdp_configs/fsdp2.json).")
+
+
+def unknown_target_parameters(wanted: list[str] | None, model) -> list[str]:
+    """Entries of --lora_target_parameters that end no parameter name of the model (peft's matching)."""
+    if not wanted:
+        return []
+    names = [n for n, _ in model.named_parameters()]
+    return [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]

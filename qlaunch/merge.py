@@ -127,7 +127,13 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "auto",
 
     from qlaunch.config.files import overlap_problems
     from qlaunch.model import merge_proof as passes
-    from qlaunch.model.inference import adapter_base, load_for_inference, read_run_info, remote_code_problem
+    from qlaunch.model.inference import (
+        adapter_base,
+        adapter_tokenizer,
+        load_for_inference,
+        read_run_info,
+        remote_code_problem,
+    )
     from qlaunch.model.load import unquantized_config
     from qlaunch.config.machine import Machine
     from qlaunch.model.merge_stream import StreamingMerge, merge_device, output_dtype
@@ -155,9 +161,16 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "auto",
                                double_quant=info_run.get("bnb_4bit_use_double_quant", True),
                                trust_remote_code=trust_remote_code, device=device)
     print(f"merging on {device} ({why}), one tensor at a time", file=sys.stderr)
-    # The adapter model as it runs for inference, in float32: the proof's model, and GPTQ's dequantizer.
-    model, tokenizer = load_for_inference(base, adapter, quantization=quant or "none", device=device,
-                                          trust_remote_code=trust_remote_code, dtype=torch.float32)
+    base_files = None if quant else passes.Files(streaming.reader, streaming.model, device)
+    missing = [n for n, p in streaming.model.named_parameters() if p.is_meta and base_files and n not in base_files]
+    if quant or missing:  # the adapter model as it loads for inference (float32): the proof's model, GPTQ's
+        # dequantizer; for a full-precision checkpoint without some of the model's weights (transformers
+        # initializes those at load), the whole base, as before streaming
+        model, tokenizer = load_for_inference(base, adapter, quantization=quant or "none", device=device,
+                                              trust_remote_code=trust_remote_code, dtype=torch.float32)
+        base_files = None
+    else:  # a full-precision base: the merge's own skeleton, each module reading its weights from the files
+        model, tokenizer = streaming.peft, adapter_tokenizer(adapter, base, trust_remote_code)
     if quant == "gptq":
         streaming.attach_gptq(model.get_base_model())
     into = f"dequantized {quant}" if quant else "base weights"
@@ -177,13 +190,14 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "auto",
     conversations, source = probe_conversations(adapter, probe_data, probe_samples)
     batch = passes.probe_batch(tokenizer, conversations)
     saved_files = CheckpointReader(out)
-    exact = passes.exact_pass(model, batch)
-    merged, mismatched = passes.merged_pass(model, batch, streaming, saved_files)
+    exact = passes.exact_pass(model, batch, device, base_files)
+    merged, mismatched = passes.merged_pass(model, batch, device, streaming, saved_files, base_files)
     mismatched += streaming.mismatched_copies(saved_files)
     proof = exact_proof(merged, exact)
     proof.update(saved_tensors_mismatched=mismatched[:10], passed=proof["passed"] and not mismatched)
-    saved = passes.saved_pass(model, batch, saved_files)
-    kernel = passes.batch_logits(model, batch)  # last: a GPTQ kernel repacks itself on its first forward
+    saved = passes.saved_pass(model, batch, device, saved_files)
+    # last: a GPTQ kernel repacks itself on its first forward; a full-precision base has no kernel of its own
+    kernel = passes.batch_logits(model, batch, device) if base_files is None else exact
     report = kernel_information(saved, kernel, exact)
     report.update(merged_into=into, probes=source, probe_samples=len(conversations), dtype=info["dtype"],
                   files=len(info["files"]), exact=proof, within_tolerance=proof["passed"],

@@ -138,6 +138,13 @@ def load_for_inference(
     return model, tokenizer
 
 
+def adapter_tokenizer(adapter: str, base: str, trust_remote_code: bool = False):
+    """The tokenizer saved with the adapter (its chat template as trained), else the base's."""
+    from qlaunch.model.load import load_tokenizer
+
+    return load_tokenizer(adapter if _has_tokenizer(adapter) else base, trust_remote_code)
+
+
 def _has_tokenizer(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 

@@ -36,11 +36,11 @@ def probe_batch(tokenizer, conversations, max_tokens: int = 128) -> dict[str, to
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def batch_logits(model, batch) -> list[torch.Tensor]:
+def batch_logits(model, batch, device) -> list[torch.Tensor]:
     """Each probe's float32 logits at its own positions."""
     model.eval()
     with torch.no_grad():
-        logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().cpu()
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
     return [logits[i, :int(n)] for i, n in enumerate(batch["attention_mask"].sum(-1))]
 
 
@@ -108,15 +108,50 @@ def parameters_from(modules: dict[str, torch.nn.Module], read):
         yield
 
 
-def exact_pass(model, batch) -> list[torch.Tensor]:
+class Files:
+    """Tensors read from a checkpoint's files by the names the model (possibly peft-wrapped) gives them,
+    upcast to float32 on the device: tied weights read from their source, peft's wrapper names unwrapped."""
+
+    def __init__(self, reader, model, device):
+        self.reader, self.device = reader, device
+        self.tied = {n: source for n, source in tied_names(model).items() if n not in reader.location}
+
+    def __contains__(self, name: str) -> bool:
+        return self.name(name) in self.reader.location
+
+    def name(self, name: str) -> str:
+        for wrapper in (".base_layer", ".modules_to_save.default", ".original_module"):
+            name = name.replace(wrapper, "")
+        return self.tied.get(name, name)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.reader.read(self.name(name)).to(self.device).float()
+
+
+def owning_params(base, skip=()) -> dict[str, torch.nn.Module]:
+    """Modules holding parameters of their own, outside `skip` (replaced modules, with their children)."""
+    return {n: m for n, m in base.named_modules() if n not in skip and not any(n.startswith(p + ".") for p in skip)
+            and any(True for _ in m.parameters(recurse=False))}
+
+
+def meta_from(base, files: Files | None, skip=()):
+    """On a skeleton whose base weights are on the meta device, each module reads its own from the base's
+    files while it runs (a no-op for a loaded model)."""
+    if files is None:
+        return ExitStack()
+    meta = {n: m for n, m in owning_params(base, skip).items() if any(p.is_meta for p in m.parameters(recurse=False))}
+    return parameters_from(meta, files)
+
+
+def exact_pass(model, batch, device, base_files: Files | None = None) -> list[torch.Tensor]:
     """The reference: quantized layers in float32 on their dequantized weights, the adapter unmerged."""
     quantized = {m: linear_with(lambda m=m: (dequantized_weight(m), None if m.bias is None else m.bias.float()))
                  for m in model.get_base_model().modules() if is_quantized(m)}
-    with forwards(quantized):
-        return batch_logits(model, batch)
+    with forwards(quantized), meta_from(model.get_base_model(), base_files):
+        return batch_logits(model, batch, device)
 
 
-def merged_pass(model, batch, merge, saved) -> tuple[list[torch.Tensor], list[str]]:
+def merged_pass(model, batch, device, merge, saved, base_files: Files | None = None):
     """The streaming merge's float32 results in place of every merged or dequantized layer; returns the
     logits and the saved tensors that are not those results in the output dtype."""
     mismatched = []
@@ -130,35 +165,23 @@ def merged_pass(model, batch, merge, saved) -> tuple[list[torch.Tensor], list[st
         return tensors["weight"], tensors.get("bias")
 
     computed = merge.merged_modules()
-    replaced = {m: linear_with(lambda n=n: weights(n)) for n, m in layers(model.get_base_model()).items()
-                if n in computed}
-    with forwards(replaced):
-        return batch_logits(model, batch), mismatched
+    base = model.get_base_model()
+    replaced = {n: m for n, m in layers(base).items() if n in computed}
+    with forwards({m: linear_with(lambda n=n: weights(n)) for n, m in replaced.items()}), \
+            meta_from(base, base_files, skip=replaced):
+        return batch_logits(model, batch, device), mismatched
 
 
-def saved_pass(model, batch, saved) -> list[torch.Tensor]:
+def saved_pass(model, batch, device, saved) -> list[torch.Tensor]:
     """The saved files' weights (upcast to float32) in place of the model's own, module by module."""
     base = model.get_base_model()
     linear = layers(base)
-    others = {n: m for n, m in base.named_modules() if n not in linear and not any(
-        n.startswith(p + ".") for p in linear) and any(True for _ in m.parameters(recurse=False))}
-    tied = {n: source for n, source in tied_names(base).items() if n not in saved.location}
-
-    def read(name):
-        name = name.replace(".modules_to_save.default", "").replace(".original_module", "")
-        return saved.read(tied.get(name, name)).float()
-
-    def read_param(name):  # hooks run where the model is
-        return read(name).to(model.device)
-
-    def read_on(name, module):
-        return read(name).to(next(module.parameters()).device)
-
-    replaced = {m: linear_with(lambda n=n, m=m: (read_on(n + ".weight", m),
-                                                 read_on(n + ".bias", m) if n + ".bias" in saved.location else None))
+    files = Files(saved, base, device)
+    replaced = {m: linear_with(lambda n=n: (files(n + ".weight"), files(n + ".bias") if n + ".bias" in files
+                                            else None))
                 for n, m in linear.items()}
-    with forwards(replaced), parameters_from(others, read_param):
-        return batch_logits(model, batch)
+    with forwards(replaced), parameters_from(owning_params(base, skip=linear), files):
+        return batch_logits(model, batch, device)
 
 
 def tied_names(model) -> dict[str, str]:

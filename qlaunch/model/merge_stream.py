@@ -29,12 +29,14 @@ GPTQ_PACKED = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def meta_model(config, trust_remote_code: bool = False):
-    """The model's skeleton in float32 on the meta device (no memory), without quantization."""
+    """The model's skeleton in float32, without quantization: parameters on the meta device (no memory),
+    buffers real (rotary frequencies and the like are computed at init, not stored in checkpoints)."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     from qlaunch.model.load import unquantized_config
 
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(unquantized_config(config), dtype=torch.float32,
                                                 trust_remote_code=trust_remote_code)
 
@@ -122,6 +124,10 @@ class StreamingMerge:
         for param in self.peft.parameters():  # the adapter's (the base's are meta and stay so)
             if not param.is_meta:
                 param.data = param.data.to(self.device)
+        for module in self.peft.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and not buffer.is_meta:
+                    module._buffers[name] = buffer.to(self.device)
         self.model = self.peft.get_base_model()
         self.dequantizer = Dequantizer(quant, config, self.reader, double_quant=double_quant,
                                        trust_remote_code=trust_remote_code)
@@ -233,6 +239,8 @@ class StreamingMerge:
             else:
                 value = self.copied(name)
             writer.write(name, value.to(dtype))
+            del value
+            release_freed_memory()
         return writer.close()
 
     def mismatched_copies(self, saved: CheckpointReader) -> list[str]:
@@ -241,6 +249,28 @@ class StreamingMerge:
         return [name for name, dtype, _ in self.tensors
                 if name.rpartition(".")[0] not in computed
                 and not torch.equal(saved.read(name), self.copied(name).to(dtype).cpu())]
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc's malloc_trim). Each module's float32 temporaries are
+    freed before the next module, but glibc keeps freed chunks in its heap, so without this the process
+    grows by fragments module after module (measured: +20-30 MB over 24 layers) instead of staying at one
+    module's working set. A no-op where glibc is absent."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim  # noqa: B018  (present in glibc only)
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 def merge_device(machine, quant: str | None) -> tuple[str, str]:

@@ -111,7 +111,7 @@ def test_streamed_merge_of_a_sharded_base_equals_the_in_memory_merge_bit_for_bit
 
     tokenizer = load_tokenizer(str(out))
     batch = probe_batch(tokenizer, [[{"role": "user", "content": "List three prime numbers."}]])
-    plain = batch_logits(model, batch)[0]
+    plain = batch_logits(model, batch, "cpu")[0]
     exact_bound = info["report"]["exact"]["bound"]
     reloaded = info["report"]["saved_vs_exact_max_abs_logit_diff"]
     assert reloaded <= exact_bound and plain.isfinite().all()

@@ -10,7 +10,7 @@ import subprocess
 import torch
 from transformers import Trainer
 
-from qlaunch.data.collate import PaddingCollator, flattens_packed_rows
+from qlaunch.data.collate import PaddingCollator, compile_padding, flattens_packed_rows
 from qlaunch.config.resume import requested
 from qlaunch.train.checkpoints import AtomicCheckpointMixin, newest_complete_checkpoint
 from qlaunch.train.fsdp import Fsdp2Mixin
@@ -21,11 +21,13 @@ from qlaunch.train.optim import LoraPlusMixin
 log = logging.getLogger("qlaunch")
 
 
-def make_collator(tokenizer, on_gpu: bool, attn_implementation: str | None = None) -> PaddingCollator:
+def make_collator(tokenizer, on_gpu: bool, attn_implementation: str | None = None,
+                  pad_to_multiple_of: int | None = None) -> PaddingCollator:
     """Dynamic padding to the longest sample of each batch; padded labels are -100. Packed batches
-    become one row for flash-attention (collate.flattens_packed_rows)."""
+    become one row for flash-attention (collate.flattens_packed_rows). pad_to_multiple_of: for --torch_compile
+    (collate.compile_padding)."""
     # Multiples of 8 keep tensor-core friendly shapes on GPUs.
-    return PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if on_gpu else None,
+    return PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of or (8 if on_gpu else None),
                            flatten_packed=flattens_packed_rows(attn_implementation))
 
 
@@ -46,7 +48,9 @@ def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, ca
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=make_collator(tokenizer, on_gpu=not args.use_cpu and torch.cuda.is_available(),
-                                    attn_implementation=getattr(model.config, "_attn_implementation", None)),
+                                    attn_implementation=getattr(model.config, "_attn_implementation", None),
+                                    pad_to_multiple_of=compile_padding(args.torch_compile, config.data.packing,
+                                                                       args.model_max_length)),
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )

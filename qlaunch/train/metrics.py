@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import resource
 import time
 
@@ -93,18 +94,58 @@ class TrainedTokenCountMixin:
         return super()._save_checkpoint(model, trial)
 
 
+def process_age_seconds() -> float | None:
+    """Seconds since this process started (Linux: /proc, 10 ms resolution); None elsewhere."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command name
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class RunClock(TrainerCallback):
-    """Wall time of training (this session: a resumed run counts from its restart)."""
+    """Wall time of training (this session: a resumed run counts from its restart), and startup: each rank's
+    time from its process start to its first training step, gathered once on that step (one small collective:
+    the ranks are entering the step together anyway). A rank much slower than the others to start is what
+    holds a large job at its first collective."""
 
     def __init__(self):
         self.start = time.monotonic()
         self.seconds = 0.0
+        self.startup_seconds: list[float] | None = None  # per rank, rank order
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.monotonic()
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.startup_seconds is None:
+            self.startup_seconds = gather_floats(process_age_seconds() or 0.0)
+            if state.is_world_process_zero:
+                ranks = self.startup_seconds
+                spread = (f" (ranks: fastest {min(ranks):.1f} s, slowest {max(ranks):.1f} s, rank "
+                          f"{ranks.index(max(ranks))})") if len(ranks) > 1 else ""
+                logging.getLogger("qlaunch").info("First training step %.1f s after the process started%s.",
+                                                  ranks[0], spread)
+
     def on_train_end(self, args, state, control, **kwargs):
         self.seconds = time.monotonic() - self.start
+
+
+def gather_floats(value: float) -> list[float]:
+    """Every rank's value, in rank order, on every rank (the value itself in one process). On the CPU
+    through the process group's object gather: a float, not a device tensor."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return [float(v) for v in values]
 
 
 def peak_memory_bytes(cuda: bool) -> int:
@@ -134,6 +175,7 @@ def run_metrics(config, trainer, clock: RunClock) -> dict:
         "real_tokens_per_second": real / seconds if seconds else None,
         "trained_tokens_per_second": trained / seconds if seconds else None,
         "wall_time_seconds": seconds,
+        "startup_seconds_per_rank": clock.startup_seconds,
         "peak_memory_gib": peak / GiB,
         "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
         "config_hash": config_hash(config),

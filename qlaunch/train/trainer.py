@@ -17,6 +17,7 @@ from qlaunch.train.fsdp import Fsdp2Mixin
 from qlaunch.train.loss import LabelledLogitsMixin, labelled_logits_unsupported
 from qlaunch.train.metrics import TrainedTokenCountMixin
 from qlaunch.train.optim import LoraPlusMixin
+from qlaunch.train.sampling import KnownLengthsMixin
 
 log = logging.getLogger("qlaunch")
 
@@ -32,10 +33,11 @@ def make_collator(tokenizer, on_gpu: bool, attn_implementation: str | None = Non
 
 
 class QlaunchTrainer(Fsdp2Mixin, AtomicCheckpointMixin, TrainedTokenCountMixin, LabelledLogitsMixin, LoraPlusMixin,
-                     Trainer):
+                     KnownLengthsMixin, Trainer):
     """transformers' Trainer with atomic checkpoints (qlaunch/train/checkpoints.py), a count of the
     trained tokens (qlaunch/train/metrics.py), logits only at labelled positions (qlaunch/train/loss.py)
-    FSDP2 on CPU worlds as on GPUs (qlaunch/train/fsdp.py) and LoRA+ learning-rate groups (qlaunch/train/optim.py)."""
+    FSDP2 on CPU worlds as on GPUs (qlaunch/train/fsdp.py), LoRA+ learning-rate groups (qlaunch/train/optim.py) and
+    --group_by_length from the lengths the data already has (qlaunch/train/sampling.py)."""
 
 
 def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, callbacks=(), rank0_weights=None):

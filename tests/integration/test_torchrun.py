@@ -6,6 +6,8 @@ rank, (3) reproduce the single-process run with the same global batch.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from launchkit import GLOBAL_BATCH, MAX_STEPS, REPO, TINY, base_env, finish, free_port, launch, max_abs_diff
@@ -60,6 +62,10 @@ def test_torchrun_two_processes(ddp_run, single_run):
     assert "torch.distributed.run" in ddp_run.text  # the printed command
     assert_ranks_identical(ddp_run, 2)
     assert_matches(ddp_run, single_run, "torchrun 2 procs vs 1 proc")
+    # each rank's startup, gathered once at the first step (RunClock): two values, within the launch's time
+    startup = json.loads((ddp_run.out / "metrics.json").read_text())["startup_seconds_per_rank"]
+    assert len(startup) == 2 and all(0 < s < ddp_run.seconds for s in startup), (startup, ddp_run.seconds)
+    assert "First training step" in ddp_run.text and "slowest" in ddp_run.text
 
 
 def test_torchrun_labelled_logits_equal_the_full_logits_path(launch_demo, runs_dir):

@@ -248,7 +248,7 @@ def verify_final_save(config, trainer, directory: str) -> str | None:
                 problems = verify_saved_adapter(trainer.model, directory,
                                                 compare_logits=not (zero3 or trainer.is_fsdp_enabled),
                                                 expected=expected, compute_dtype=config.compute_dtype)
-    if any_rank(bool(problems), trainer.args.device):
+    if any_rank(bool(problems)):
         return ("the saved adapter does not match the trained model: " + " ".join(problems)
                 if problems else "the saved adapter failed verification on the main process.")
     return None
@@ -306,7 +306,7 @@ def preempted_before_training(signals, targs, stage: str) -> Outcome | None:
     from qlaunch.train.callbacks import any_rank
     from qlaunch.train.trainer import requeue_if_slurm
 
-    if not any_rank(signals.received is not None, targs.device):
+    if not any_rank(signals.received is not None):
         return None
     message = (f"Stopped by {signals.received or 'a signal to another rank'} while {stage}, before training: "
                "nothing trained, nothing to checkpoint.")

@@ -13,20 +13,51 @@ from qlaunch.cluster.preemption import PreemptionSignals, lead_too_short, stop_m
 log = logging.getLogger("qlaunch")
 
 
-def any_rank(flag: bool, device) -> bool:
+def any_rank(flag: bool) -> bool:
     """True on every rank when it is True on any rank (one tiny all-reduce; a no-op in one process)."""
-    return any_ranks([flag], device)[0]
+    return any_ranks([flag])[0]
 
 
-def any_ranks(flags: list[bool], device) -> list[bool]:
-    """Each flag True on every rank when it is True on any rank: one all-reduce for all of them."""
+def control_group_backend(default_backend: str) -> str | None:
+    """The backend of the group the ranks' control flags travel on (preemption, failed checks): None — the
+    default group — when it carries CPU tensors (gloo, MPI, or a "cpu:gloo,cuda:nccl" pair); else "gloo",
+    a CPU group of the same ranks. NCCL carries only device tensors, and reading its result back blocks
+    the host until the GPU has finished everything queued before it: one stall in every training step.
+    A gloo result is in host memory when the call returns."""
+    backends = str(default_backend).lower()
+    return None if any(b in backends for b in ("gloo", "mpi", "cpu:")) else "gloo"
+
+
+# The CPU group of each default group, created on the ranks' first agreement (which every rank reaches
+# together: new_group is collective). Keyed by the default group's id: one per process in practice.
+_CONTROL_GROUPS: dict[int, object] = {}
+
+
+def control_group(default_backend: str):
+    """The process group for control flags (control_group_backend): None for the default group."""
+    import torch.distributed as dist
+
+    backend = control_group_backend(default_backend)
+    if backend is None:
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _CONTROL_GROUPS:
+        _CONTROL_GROUPS[key] = dist.new_group(backend=backend)
+    return _CONTROL_GROUPS[key]
+
+
+def any_ranks(flags: list[bool], backend: str | None = None) -> list[bool]:
+    """Each flag True on every rank when it is True on any rank: one all-reduce of a CPU tensor for all of
+    them, on a CPU process group (control_group), so agreeing never waits for the GPU. backend: the default
+    group's (None: asked from torch.distributed)."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(flags)
-    value = torch.tensor([1 if f else 0 for f in flags], device=device)  # nccl needs it on the rank's GPU
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    value = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
+    group = control_group(backend or dist.get_backend())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return [bool(v) for v in value.tolist()]
 
 
@@ -114,7 +145,7 @@ class PreemptionCallback(TrainerCallback):
         stop = self.received is not None and stop_mid_step(
             self.lead - (now - self.signals.received_at), args.gradient_accumulation_steps - self._micro_done,
             self.micro_seconds, self.save_seconds)
-        if any_rank(stop, args.device):
+        if any_rank(stop):
             rng_restore(self._rng)
             self.stopped_at_step = state.global_step
             self.mid_step = (self._micro_done, args.gradient_accumulation_steps)
@@ -126,7 +157,7 @@ class PreemptionCallback(TrainerCallback):
         self._step_end = now = time.monotonic()
         self.step_seconds = max(self.step_seconds, now - self._step_start)
         too_short = lead_too_short(self.lead, self.step_seconds, self.save_seconds) if self.lead is not None else None
-        signalled, long_steps = any_ranks([self.received is not None, too_short is not None], args.device)
+        signalled, long_steps = any_ranks([self.received is not None, too_short is not None])
         if long_steps and not self.micro_checks:  # agreed: from here on every rank checks at every micro-step
             self.micro_checks = True
             if state.is_world_process_zero and too_short:
@@ -166,7 +197,7 @@ class NonFiniteLossGuard(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.bad_step is None and model is not None and (control.should_save or control.should_log):
-            if any_rank(not trainables_finite(model), args.device):
+            if any_rank(not trainables_finite(model)):
                 self.bad_step, self.bad_value, self.what = state.global_step, float("nan"), "weights"
                 control.should_save = False
                 control.should_training_stop = True
@@ -174,7 +205,7 @@ class NonFiniteLossGuard(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         # the last steps may have logged nothing: the weights are checked once more before the final save
-        if self.bad_step is None and model is not None and any_rank(not trainables_finite(model), args.device):
+        if self.bad_step is None and model is not None and any_rank(not trainables_finite(model)):
             self.bad_step, self.bad_value, self.what = state.global_step, float("nan"), "weights"
         return control
 

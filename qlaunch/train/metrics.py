@@ -108,6 +108,30 @@ def process_age_seconds() -> float | None:
         return None
 
 
+class DeviceGradNormMixin:
+    """Trainer mixin: under DeepSpeed the gradient norm stays a tensor until a log reads it.
+
+    DeepSpeed clips inside its own step; the Trainer then asks accelerate for the norm, whose DeepSpeed
+    wrapper reads it back with `.item()` — and the Trainer's `_get_grad_norm` would again: a blocking
+    host-device sync after every optimizer step. Without DeepSpeed the Trainer keeps clip_grad_norm_'s
+    tensor and reads it only when logging. The norm is used nowhere else in between, so DeepSpeed runs
+    take the engine's own value (a tensor) the same way (the log converts tensors itself)."""
+
+    def _deepspeed_engine(self):
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        return None if wrapped is None else wrapped.engine
+
+    def _clip_grad_norm(self, model):
+        engine = self._deepspeed_engine()
+        return super()._clip_grad_norm(model) if engine is None else engine.get_global_grad_norm()
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        engine = self._deepspeed_engine()
+        if engine is None:
+            return super()._get_grad_norm(model, grad_norm)
+        return engine.get_global_grad_norm() if grad_norm is None else grad_norm
+
+
 class RunClock(TrainerCallback):
     """Wall time of training (this session: a resumed run counts from its restart), and startup: each rank's
     time from its process start to its first training step, gathered once on that step (one small collective:

@@ -15,7 +15,7 @@ from qlaunch.config.resume import requested
 from qlaunch.train.checkpoints import AtomicCheckpointMixin, newest_complete_checkpoint
 from qlaunch.train.fsdp import Fsdp2Mixin
 from qlaunch.train.loss import LabelledLogitsMixin, labelled_logits_unsupported
-from qlaunch.train.metrics import TrainedTokenCountMixin
+from qlaunch.train.metrics import DeviceGradNormMixin, TrainedTokenCountMixin
 from qlaunch.train.optim import LoraPlusMixin
 from qlaunch.train.sampling import KnownLengthsMixin
 
@@ -33,11 +33,12 @@ def make_collator(tokenizer, on_gpu: bool, attn_implementation: str | None = Non
 
 
 class QlaunchTrainer(Fsdp2Mixin, AtomicCheckpointMixin, TrainedTokenCountMixin, LabelledLogitsMixin, LoraPlusMixin,
-                     KnownLengthsMixin, Trainer):
+                     KnownLengthsMixin, DeviceGradNormMixin, Trainer):
     """transformers' Trainer with atomic checkpoints (qlaunch/train/checkpoints.py), a count of the
     trained tokens (qlaunch/train/metrics.py), logits only at labelled positions (qlaunch/train/loss.py)
     FSDP2 on CPU worlds as on GPUs (qlaunch/train/fsdp.py), LoRA+ learning-rate groups (qlaunch/train/optim.py) and
-    --group_by_length from the lengths the data already has (qlaunch/train/sampling.py)."""
+    --group_by_length from the lengths the data already has (qlaunch/train/sampling.py); the gradient norm stays on the
+    device until logged (qlaunch/train/metrics.py)."""
 
 
 def build_trainer(config, model, tokenizer, train_dataset, eval_dataset=None, callbacks=(), rank0_weights=None):

@@ -117,7 +117,7 @@ class Run:
 
 def launch(script: str, args: list[str], out: Path, *, env: dict | None = None, timeout: float = 900,
            dump: bool = True, block_mpi4py: bool = False, cwd: Path | None = None, wait: bool = True,
-           log: Path | None = None, dump_dir: Path | None = None):
+           log: Path | None = None, dump_dir: Path | None = None, hooks: tuple[str, ...] = ()):
     """Run `bash launch/SCRIPT ARGS` (as a user would); return a Run (or (Run, Popen) with wait=False).
 
     Each rank's trainable weights are dumped to dump_dir (default OUT.ranks) by the test hook."""
@@ -125,7 +125,7 @@ def launch(script: str, args: list[str], out: Path, *, env: dict | None = None, 
     out.parent.mkdir(parents=True, exist_ok=True)
     log = Path(log or out.parent / f"{out.name}.log")
     env = dict(env or base_env())
-    paths = []
+    paths = [str(HOOKS / hook) for hook in hooks]  # test-only sitecustomize hooks, by directory name
     if block_mpi4py:
         paths.append(str(HOOKS / "no_mpi4py"))
     run = Run(cmd=["bash", str(LAUNCH / script), *args], out=out, log=log)

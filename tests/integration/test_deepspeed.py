@@ -87,6 +87,26 @@ def test_single_process_deepspeed_without_mpi4py(config, deepspeed_ops, launch_d
     compare(run, single_run, f"DeepSpeed {config} 1 proc vs plain 1 proc")
 
 
+def test_deepspeed_steps_read_nothing_back(deepspeed_ops, launch_demo, runs_dir):
+    """DeepSpeed ZeRO-2, one process: steps that neither log nor save read no tensor back to the host
+    (tests/integration/_hooks/count_readbacks). transformers reads DeepSpeed's gradient norm with .item()
+    after every optimizer step; qlaunch keeps it a tensor until a log reads it (DeviceGradNormMixin)."""
+    out = runs_dir / "ds1_readbacks"
+    counts = runs_dir / "ds1_readbacks.jsonl"
+    tiny = list(TINY)
+    tiny[tiny.index("--logging_steps") + 1] = "100"
+    tiny[tiny.index("--max_steps") + 1] = "6"
+    run = launch("lora_ds.sh", ["--deepspeed", str(DS_CONFIGS / "zero2.json"), "-m", str(launch_demo["model"]),
+                                "-d", str(launch_demo["data"]), "-o", str(out), "--", *tiny,
+                                "--per_device_train_batch_size", "2"],
+                 out, env={**base_env(NPROC_PER_NODE=1), "QLAUNCH_TEST_READBACK_LOG": str(counts)},
+                 dump=False, hooks=("count_readbacks",)).check()
+    assert run.run_info()["deepspeed"] is True
+    (record,) = [json.loads(line) for line in counts.read_text().splitlines()]
+    assert record["steps"] == 5, record  # steps 2-6 (the first may set things up; no step logs or saves)
+    assert record["calls"] == {}, record
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["zero2_offload.json", "zero3_offload.json"])
 def test_offload_configs_two_processes(config, deepspeed_ops, launch_demo, runs_dir, ddp_run):

@@ -168,7 +168,7 @@ def test_elastic_restart_resumes_like_a_requeue():
 def test_any_rank_is_the_local_flag_in_one_process():
     from qlaunch.train.callbacks import any_rank
 
-    assert any_rank(True, "cpu") is True and any_rank(False, "cpu") is False
+    assert any_rank(True) is True and any_rank(False) is False
 
 
 def test_one_process_on_a_multi_gpu_host_is_refused_with_the_launcher_command(demo):

@@ -94,3 +94,13 @@ def unknown_target_parameters(wanted: list[str] | None, model) -> list[str]:
         return []
     names = [n for n, _ in model.named_parameters()]
     return [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
+
+
+def targeted_parameter_shapes(wanted: list[str] | None, model) -> tuple[tuple[int, ...], ...]:
+    """The shapes of every parameter --lora_target_parameters adapts (peft's matching: the name, or a suffix
+    after a dot), one entry per parameter — each layer's experts once each."""
+    if not wanted:
+        return ()
+    return tuple(tuple(p.shape) for n, p in model.named_parameters()
+                 if any(n == w or n.endswith("." + w) for w in wanted))
+

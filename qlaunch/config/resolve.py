@@ -42,6 +42,7 @@ class Settings:
     shard_gptq: bool = False  # ZeRO-3 / FSDP2 + GPTQ: packed weights as shardable parameters (model/gptq_shard)
     signal_lead: float | None = None  # seconds from SLURM's warning to the kill (QLAUNCH_SIGNAL_LEAD)
     experts: Any = None  # an MoE base's experts (qlaunch.config.moe.Experts), counted before loading
+    target_parameter_shapes: tuple = ()  # shapes of the parameters --lora_target_parameters adapts (for the plan)
     model: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -110,6 +111,7 @@ def resolve_experts(ns: argparse.Namespace, path: str, settings: Settings) -> No
         fused_experts_problem,
         is_moe,
         meta_skeleton,
+        targeted_parameter_shapes,
         unknown_target_parameters,
     )
 
@@ -126,6 +128,7 @@ def resolve_experts(ns: argparse.Namespace, path: str, settings: Settings) -> No
     if unknown:
         settings.problems.append(f"--lora_target_parameters {' '.join(unknown)}: no parameter of that name in "
                                  f"{path!r}; name a parameter, e.g. mlp.experts.gate_up_proj.")
+    settings.target_parameter_shapes = targeted_parameter_shapes(wanted, skeleton)
     if is_moe(config):
         settings.experts = count_experts(config, skeleton)
         settings.notes.append(settings.experts.text())

@@ -45,6 +45,7 @@ class Job:
     use_lora: bool = True
     lora_r: int = 64
     lora_targets: tuple[str, ...] = ()  # empty: every block projection (qlaunch's default)
+    parameter_lora: tuple[tuple[int, int], ...] = ()  # (rows, cols) of LoRA's A and B on --lora_target_parameters
     lora_dropout: float = 0.05
     dora: bool = False  # DoRA: a trained magnitude per output, the weight's norm recomputed every forward
     modules_to_save: tuple[str, ...] = ()
@@ -128,7 +129,9 @@ def _lora(shape: Shape, job: Job) -> tuple[int, list[tuple[int, int]], list]:
     params = shape.layers * sum(job.lora_r * (lin.n_in + lin.n_out) + (lin.n_out if job.dora else 0)
                                 for lin in adapted)
     matrices = [(job.lora_r, lin.n_in) for lin in adapted] + [(lin.n_out, job.lora_r) for lin in adapted]
-    return params, matrices * shape.layers, adapted
+    # LoRA on parameters (MoE experts) is given whole-model: every targeted parameter of every layer
+    params += sum(rows * cols for rows, cols in job.parameter_lora)
+    return params, matrices * shape.layers + list(job.parameter_lora), adapted
 
 
 def _saved_copies(shape: Shape, job: Job) -> dict:

@@ -108,6 +108,16 @@ def logits_fraction(args, stats: dict | None, shape=None) -> float:
     return min(1.0, stats["trained_tokens"] / max(stats["tokens"], 1))
 
 
+def parameter_lora_matrices(shapes, r: int) -> tuple[tuple[int, int], ...]:
+    """(rows, cols) of the A and B matrices peft's ParamWrapper adds per targeted parameter (--lora_target_parameters):
+    r·experts × d2 and d1 × r·experts for [experts, d1, d2], r × d1 and d0 × r for a 2-D [d0, d1]."""
+    out = []
+    for shape in shapes:
+        experts, d1, d2 = (1, *shape) if len(shape) == 2 else shape
+        out += [(r * experts, d2), (d1, r * experts)]
+    return tuple(out)
+
+
 def build_job(args, settings, target: Target, seq_len: int, logits_share: float = 1.0):
     from qlaunch.config.engine import engine_of
     from qlaunch.memory.estimate import Job
@@ -121,6 +131,7 @@ def build_job(args, settings, target: Target, seq_len: int, logits_share: float 
         use_lora=bool(args.use_lora or args.q_lora),
         lora_r=int(args.lora_r),
         lora_targets=tuple(args.lora_target_modules or ()),
+        parameter_lora=parameter_lora_matrices(getattr(settings, "target_parameter_shapes", ()), int(args.lora_r)),
         lora_dropout=float(args.lora_dropout),
         dora=bool(getattr(args, "use_dora", False)),
         modules_to_save=tuple(args.lora_modules_to_save or ()),

@@ -7,6 +7,7 @@ import torch
 
 from qlaunch.cli import fit, prepare
 from qlaunch.config.errors import UsageError
+from qlaunch.memory.planner import memory_plan
 from tests.moe_models import KINDS, build_moe
 
 FAST = ["--max_steps", "3", "--learning_rate", "1e-2", "--per_device_train_batch_size", "4", "--save_strategy", "no",
@@ -69,8 +70,14 @@ def test_lora_on_the_experts_changes_their_outputs_and_needs_no_dropout(moe, dem
         prepare(["--model_name_or_path", moe["qwen3_moe"], "--data_path", demo["train"], "--output_dir",
                  str(tmp_path / "x"), "--use_lora", "--lora_target_parameters", "mlp.nothing", *FAST])
     out = tmp_path / "adapter"
-    trainer = fit(prepare(["--model_name_or_path", moe["qwen3_moe"], "--data_path", demo["train"], "--output_dir",
-                           str(out), "--use_lora", *EXPERTS, *FAST])).trainer
+    config = prepare(["--model_name_or_path", moe["qwen3_moe"], "--data_path", demo["train"], "--output_dir",
+                      str(out), "--use_lora", *EXPERTS, *FAST])
+    planned = memory_plan(config)
+    trainer = fit(config).trainer
+    # the plan counts LoRA on the experts (peft's ParamWrapper: r·experts per matrix) exactly as peft builds it
+    trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    on_experts = sum(p.numel() for n, p in trainer.model.named_parameters() if p.requires_grad and ".experts." in n)
+    assert on_experts > 0 and planned["lora_parameters"] == planned["trainable_parameters"] == trained
     assert sorted(json.loads((out / "adapter_config.json").read_text())["target_parameters"]) == sorted(EXPERTS[1:])
     model = trainer.model.eval()
     block = model.get_base_model().model.layers[0].mlp

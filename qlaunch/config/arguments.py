@@ -100,7 +100,8 @@ class LoraArguments:
         default=False, metadata={"help": "rsLoRA (peft): scale by lora_alpha / sqrt(r) instead of lora_alpha / r."}
     )
     init_lora_weights: str = field(
-        default="true", metadata={"help": "true (B = 0, peft's default) | gaussian | false (random B: for tests)."}
+        default="true", metadata={"help": "true (B = 0, peft's default) | gaussian | false (random B: for tests) | "
+                                  "loftq (NF4/FP4 Q-LoRA: A, B from the SVD of each layer's 4-bit error)."}
     )
     loraplus_lr_ratio: float | None = field(
         default=None, metadata={"help": "LoRA+: learning rate of the B matrices = this x --learning_rate (e.g. 16; "

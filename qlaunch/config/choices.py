@@ -8,6 +8,6 @@ CHOICES = {
     "truncation": ("truncate", "drop"),
     "quantization": ("auto", "nf4", "fp4", "gptq"),
     "lora_bias": ("none", "all", "lora_only"),
-    "init_lora_weights": ("true", "false", "gaussian"),
+    "init_lora_weights": ("true", "false", "gaussian", "loftq"),
     "precision": PRECISIONS,
 }

@@ -45,8 +45,9 @@ def _check_paths(ns: argparse.Namespace, problems: list[str]) -> None:
                                     ns.lora_r if (ns.use_lora or ns.q_lora) else None))
 
 
-# peft initialisations that change the base weights (PiSSA, OLoRA, LoftQ) or need data (CorDA, EVA)
-REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "eva")
+# peft initialisations that change the base weights (PiSSA, OLoRA) or need data (CorDA, EVA). LoftQ is
+# qlaunch's own (qlaunch.model.loftq): it keeps the 4-bit base as it is.
+REWRITING_INITS = ("pissa", "olora", "corda", "eva")
 
 
 def _check_values(ns: argparse.Namespace, problems: list[str]) -> None:

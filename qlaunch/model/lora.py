@@ -56,6 +56,7 @@ def attach_lora(model: PreTrainedModel, lora_args, *, quant_method: str | None, 
         log.info("Continuing training of the adapter in %s", lora_args.lora_weight_path)
         return PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
 
+    loftq = str(getattr(lora_args, "init_lora_weights", "true")).lower() == "loftq"
     targets = lora_args.lora_target_modules or detect_lora_targets(model)
     log.info("LoRA target modules: %s", ", ".join(targets))
     config = LoraConfig(
@@ -68,10 +69,15 @@ def attach_lora(model: PreTrainedModel, lora_args, *, quant_method: str | None, 
         modules_to_save=lora_args.lora_modules_to_save,
         use_dora=bool(getattr(lora_args, "use_dora", False)),
         use_rslora=bool(getattr(lora_args, "use_rslora", False)),
-        init_lora_weights=peft_init(getattr(lora_args, "init_lora_weights", "true")),
+        init_lora_weights=True if loftq else peft_init(getattr(lora_args, "init_lora_weights", "true")),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if loftq:  # peft's "loftq" wants a full-precision base (and a GPU): qlaunch.model.loftq on the 4-bit one
+        from qlaunch.model.loftq import loftq_initialise
+
+        loftq_initialise(model, model.get_base_model().name_or_path)
+    return model
 
 
 def peft_init(value) -> bool | str:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qlaunch.model.loftq import low_rank_factors, svd_device
-from tests.unit.model.test_lora import lora_args
+from tests.unit.model.test_lora import lora_args, nf4_base
 
 
 def test_scaled_factors_are_the_truncated_svd():
@@ -27,7 +27,7 @@ def test_loftq_on_nf4_starts_closer_trains_reloads_and_merges(demo, tmp_path):
     import json
 
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from qlaunch.cli import fit, load_model, prepare
     from qlaunch.merge import merge
@@ -50,11 +50,7 @@ def test_loftq_on_nf4_starts_closer_trains_reloads_and_merges(demo, tmp_path):
     model = outcome.trainer.model.eval()
     with torch.no_grad():
         trained = model(input_ids=ids).logits
-    base = AutoModelForCausalLM.from_pretrained(
-        demo["model"], device_map={"": "cpu"}, dtype=torch.float32,
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
-    reloaded = PeftModel.from_pretrained(base, str(out)).eval()
+    reloaded = PeftModel.from_pretrained(nf4_base(demo["model"]), str(out)).eval()
     with torch.no_grad():
         assert (reloaded(input_ids=ids).logits - trained).abs().max().item() <= 1e-4
     info = merge(str(out), str(tmp_path / "merged"))

@@ -33,13 +33,22 @@ def lora_args(demo, out, *extra):
             "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "True", *extra]
 
 
+def nf4_base(model_dir: str):
+    """A fresh NF4 (double quant, fp32 compute) base, loaded the way a user of the adapter would."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, device_map={"": "cpu"}, dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
+
+
 def test_dora_and_rslora_on_nf4_train_save_and_reload_with_plain_peft(demo, tmp_path):
     """peft's own options end to end (issue 21): the adapter says DoRA + rsLoRA, the magnitudes trained,
     and a fresh NF4 base with the saved adapter gives the trained model's logits."""
     import json
 
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from qlaunch.cli import fit, prepare
 
@@ -56,11 +65,7 @@ def test_dora_and_rslora_on_nf4_train_save_and_reload_with_plain_peft(demo, tmp_
     model.eval()
     with torch.no_grad():
         trained = model(input_ids=ids).logits
-    base = AutoModelForCausalLM.from_pretrained(
-        demo["model"], device_map={"": "cpu"}, dtype=torch.float32,
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
-    reloaded = PeftModel.from_pretrained(base, str(out)).eval()
+    reloaded = PeftModel.from_pretrained(nf4_base(demo["model"]), str(out)).eval()
     with torch.no_grad():
         assert (reloaded(input_ids=ids).logits - trained).abs().max().item() <= 1e-4
 

@@ -186,6 +186,11 @@ def compute(args, settings, target: Target, shape, stats: dict | None = None) ->
         "base_weights_gib": plan.persistent.get("base weights", 0) / GiB,
         "total_gib_estimate": peak / GiB,
     }
+    experts = getattr(settings, "experts", None)
+    if experts is not None:  # an MoE base: counted on its meta skeleton (config.moe)
+        out["experts"] = {"per_layer": experts.experts, "per_token": experts.per_token,
+                          "parameters": experts.total_params, "active_parameters": experts.active_params,
+                          "fused_expert_parameters": experts.fused_params}
     return out
 
 
@@ -195,7 +200,11 @@ def format_plan(plan: dict) -> str:
     where = (f"{plan['world_size']}x {device['name']} ({device['memory_gb']:.1f} GB, cc {device['capability']})"
              if device["memory_gb"] else f"{device['name']}, {plan['world_size']} process(es)")
     job = plan["job"]
-    lines = [f"Memory plan: {plan['parameters']:,} parameters, {plan['trainable_parameters']:,} trainable — {where}",
+    moe = plan.get("experts")
+    active = (f" ({moe['active_parameters']:,} active per token: {moe['per_token']} of {moe['per_layer']} experts)"
+              if moe else "")
+    lines = [f"Memory plan: {plan['parameters']:,} parameters{active}, {plan['trainable_parameters']:,} trainable — "
+             f"{where}",
              f"  {plan['quantization'] or 'full precision'} base, {plan['precision']['compute_dtype']} compute, "
              f"batch {job['micro_batch']} x {job['seq_len']} tokens, "
              f"{'activation checkpointing' if job['checkpointing'] else 'no checkpointing'}, {job['attention']}, "

@@ -137,3 +137,34 @@ def test_zero3_marks_each_sparse_block_a_leaf(kind, moe):
     assert all(z3_leaf_module(m) for m in blocks)
     assert not any(z3_leaf_module(m) for m in model.modules() if m not in blocks)
     assert zero3_leaf_moe_blocks(model.model.layers[0].self_attn) == []  # no experts: nothing marked
+
+
+# published sizes (model cards): total and active parameters, in billions; Qwen's 3.3B is given to two digits
+PUBLISHED = {"Qwen/Qwen3-30B-A3B": (30.5, 3.3, 0.02), "mistralai/Mixtral-8x7B-Instruct-v0.1": (46.7, 12.9, 0.01)}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_plan_of_published_moe_architectures_on_1_and_8_gpus(name, tmp_path, capsys):
+    """python -m qlaunch.plan on a config.json written from the published architecture: total and active
+    parameters as published (within 1%; Qwen3's active 3.35B is 1.6% above its two-digit 3.3B), and a
+    per-device plan for 1 and 8 GPUs under ZeRO-3 in which each GPU holds 1/8 of the base."""
+    from qlaunch.plan import main as plan_main
+    from tests.conftest import REPO
+    from tests.model_dims import config_dir
+
+    total, active, tolerance = PUBLISHED[name]
+    path = config_dir(name, str(tmp_path), prefer_shared=False)
+    reports = {}
+    for gpus in ("1", "8"):
+        plan_main(["--model_name_or_path", path, "--use_lora", "--gpu", "H100-80GB", "--num_gpus", gpus,
+                       "--deepspeed", f"{REPO}/ds_configs/zero3.json", "--gradient_checkpointing", "True",
+                       "--model_max_length", "2048", "--per_device_train_batch_size", "1", "--json"])
+        reports[gpus] = report = json.loads(capsys.readouterr().out)
+        moe = report["experts"]
+        assert moe["parameters"] == report["parameters"]
+        assert abs(moe["parameters"] / 1e9 / total - 1) < 0.01, moe
+        assert abs(moe["active_parameters"] / 1e9 / active - 1) < tolerance, moe
+    one, eight = (reports[g]["memory_gb"] for g in ("1", "8"))
+    assert reports["1"]["parameters"] == reports["8"]["parameters"]
+    assert abs(one["persistent"]["base weights"] / eight["persistent"]["base weights"] - 8) < 0.01
+    assert eight["per_device_peak"] < one["per_device_peak"]

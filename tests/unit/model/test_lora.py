@@ -1,6 +1,8 @@
 """Parameter counts of a 4-bit base: what transformers counts, whatever the 4-bit storage dtype."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -59,6 +61,8 @@ def test_dora_and_rslora_on_nf4_train_save_and_reload_with_plain_peft(demo, tmp_
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["use_rslora"] is True and config["init_lora_weights"] == "gaussian"
     model = outcome.trainer.model
+    scalings = {m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}
+    assert scalings == {16 / math.sqrt(8)}  # rsLoRA: alpha / sqrt(r), not alpha / r
     magnitudes = {n: p for n, p in model.named_parameters() if "lora_magnitude_vector" in n}
     assert magnitudes and all(p.requires_grad for p in magnitudes.values())
     ids = torch.arange(5, 37).unsqueeze(0)

@@ -30,9 +30,9 @@ def plain_copy(quantized_model, dtype: torch.dtype):
     """A full-precision model of the same architecture holding the dequantized weights."""
     from transformers import AutoModelForCausalLM
 
-    from qlaunch.model.load import unquantized_config
+    from qlaunch.config.skeleton import without_quantization
 
-    plain = AutoModelForCausalLM.from_config(unquantized_config(quantized_model.config), dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(without_quantization(quantized_model.config), dtype=torch.float32)
     modules = dict(quantized_model.named_modules())
     state = {}
     for name, tensor in plain.state_dict().items():
@@ -134,7 +134,7 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "auto",
         read_run_info,
         remote_code_problem,
     )
-    from qlaunch.model.load import unquantized_config
+    from qlaunch.config.skeleton import without_quantization
     from qlaunch.config.machine import Machine
     from qlaunch.model.merge_stream import StreamingMerge, merge_device, output_dtype
     from qlaunch.model.shards import CheckpointReader
@@ -178,7 +178,7 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "auto",
             "device": device}
     with staged_output(out) as staged:  # config.json lands last: a cut-short merge is not a model
         info["files"] = streaming.write(staged, int(max_shard_gb * 2**30))
-        plain = unquantized_config(model.get_base_model().config)
+        plain = without_quantization(model.get_base_model().config)
         plain.dtype = torch_dtype
         plain.save_pretrained(staged)
         generation = getattr(model.get_base_model(), "generation_config", None)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qlaunch.config.skeleton import meta_skeleton
+
 # config keys transformers' MoE classes use for the number of routed experts per layer
 EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 PER_TOKEN_KEYS = ("num_experts_per_tok", "moe_topk", "num_experts_per_token")
@@ -48,16 +50,6 @@ def is_moe(config: dict) -> bool:
     return any(int(config.get(k) or 0) > 1 for k in EXPERT_KEYS)
 
 
-def meta_skeleton(model_dir: str, trust_remote_code: bool = False):
-    """The model as transformers builds it, on the meta device (shapes only)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-
-
 def count_experts(config: dict, model) -> Experts:
     """The experts of a model skeleton: its 3-D parameters are the fused experts."""
     fused = [(name, p.numel()) for name, p in model.named_parameters() if p.dim() == 3]
@@ -72,7 +64,7 @@ def experts_of(model_dir: str, config: dict, trust_remote_code: bool = False) ->
     """The base's experts, or None when its config is not a mixture of experts."""
     if not is_moe(config):
         return None
-    return count_experts(config, meta_skeleton(model_dir, trust_remote_code))
+    return count_experts(config, meta_skeleton(model_dir, trust_remote_code=trust_remote_code))
 
 
 def fused_experts_problem(experts: Experts, quant_method: str, bytes_per_param: int = 2) -> str | None:

@@ -136,7 +136,7 @@ def resolve_experts(ns: argparse.Namespace, path: str, settings: Settings) -> No
     if not (is_moe(config) or wanted):
         return
     try:
-        skeleton = meta_skeleton(path, ns.trust_remote_code)
+        skeleton = meta_skeleton(path, trust_remote_code=ns.trust_remote_code)
     except Exception as e:  # a config transformers cannot build: the load reports it with its own words
         settings.notes.append(f"could not build {path!r} on the meta device to count its experts ({e})")
         return

@@ -115,9 +115,10 @@ def _block_from_meta(model) -> tuple[tuple[Linear, ...], int]:
 
 
 def transformers_shape(config: dict) -> Shape:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from qlaunch.config.skeleton import meta_skeleton
 
     model_type = config.get("model_type")
     if model_type not in CONFIG_MAPPING:
@@ -125,8 +126,7 @@ def transformers_shape(config: dict) -> Shape:
                          "qwen): qlaunch.plan cannot describe it without running its code.")
     values = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type", "auto_map")}
     hf_config = AutoConfig.for_model(model_type, **values)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+    model = meta_skeleton(hf_config)
     block, layers = _block_from_meta(model)
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     h = int(text.hidden_size)

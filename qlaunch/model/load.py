@@ -18,12 +18,6 @@ from qlaunch.data.templates import ensure_chat_template, ensure_pad_token
 
 log = logging.getLogger("qlaunch")
 
-def unquantized_config(config):
-    """The same architecture config without its quantization_config (for meta or full-precision copies)."""
-    values = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
-    return config.__class__.from_dict(values)
-
-
 def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False):
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     template = ensure_chat_template(tokenizer)

@@ -31,14 +31,10 @@ GPTQ_PACKED = ("qweight", "qzeros", "scales", "g_idx")
 def meta_model(config, trust_remote_code: bool = False):
     """The model's skeleton in float32, without quantization: parameters on the meta device (no memory),
     buffers real (rotary frequencies and the like are computed at init, not stored in checkpoints)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from qlaunch.config.skeleton import meta_skeleton, without_quantization
 
-    from qlaunch.model.load import unquantized_config
-
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(unquantized_config(config), dtype=torch.float32,
-                                                trust_remote_code=trust_remote_code)
+    return meta_skeleton(without_quantization(config), trust_remote_code=trust_remote_code, dtype=torch.float32,
+                         real_buffers=True)
 
 
 def adapter_on_meta(config, adapter: str, trust_remote_code: bool = False):

@@ -80,19 +80,22 @@ def fused_experts_problem(experts: Experts, quant_method: str, bytes_per_param: 
             "sharded with --deepspeed ds_configs/zero3.json or --fsdp_config fsdp_configs/fsdp2.json).")
 
 
+def targets(name: str, wanted: list[str]) -> bool:
+    """Whether --lora_target_parameters names this parameter, as peft matches it: the name, or a suffix after a dot."""
+    return any(name == w or name.endswith("." + w) for w in wanted)
+
+
 def unknown_target_parameters(wanted: list[str] | None, model) -> list[str]:
     """Entries of --lora_target_parameters that end no parameter name of the model (peft's matching)."""
     if not wanted:
         return []
     names = [n for n, _ in model.named_parameters()]
-    return [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
+    return [w for w in wanted if not any(targets(n, [w]) for n in names)]
 
 
 def targeted_parameter_shapes(wanted: list[str] | None, model) -> tuple[tuple[int, ...], ...]:
-    """The shapes of every parameter --lora_target_parameters adapts (peft's matching: the name, or a suffix
-    after a dot), one entry per parameter — each layer's experts once each."""
+    """The shapes of every parameter --lora_target_parameters adapts (`targets`), one entry per parameter —
+    each layer's experts once each."""
     if not wanted:
         return ()
-    return tuple(tuple(p.shape) for n, p in model.named_parameters()
-                 if any(n == w or n.endswith("." + w) for w in wanted))
-
+    return tuple(tuple(p.shape) for n, p in model.named_parameters() if targets(n, wanted))

@@ -97,25 +97,29 @@ def resolve_quantization(ns: argparse.Namespace, path: str | None, settings: Set
         from qlaunch.config.checkpoint import GPTQ_EMBEDDINGS
 
         settings.problems.append(GPTQ_EMBEDDINGS.format(modules=" ".join(ns.lora_modules_to_save)))
-    if str(getattr(ns, "init_lora_weights", "true")).lower() == "loftq" and use_lora:
-        settings.problems += loftq_problems(settings.quant_method, bool(getattr(ns, "use_dora", False)),
-                                            bool(ns.lora_weight_path))
     if settings.quant_method == "gptq" and getattr(ns, "use_dora", False) and use_lora:
         settings.problems.append("--use_dora with a GPTQ base: peft has no DoRA layer for GPTQ kernels (its "
                                  "QuantLinear refuses it); use plain LoRA (optionally --use_rslora) or an NF4 base.")
 
 
-def loftq_problems(quant_method: str | None, dora: bool, continuing: bool) -> list[str]:
-    """--init_lora_weights loftq: the adapter starts at the 4-bit error of a bitsandbytes base (qlaunch.model.loftq)."""
+def loftq_problems(quant_method: str | None, dora: bool, continuing: bool, sharded: bool) -> list[str]:
+    """--init_lora_weights loftq: the adapter starts at the 4-bit error of a bitsandbytes base (qlaunch.model.loftq).
+    sharded: the engine shards parameters (ZeRO-3, FSDP2)."""
+    problems = []
     if quant_method not in ("nf4", "fp4"):
-        return [f"--init_lora_weights loftq initialises the adapter from the 4-bit quantization error of an NF4/FP4 "
-                f"base; this run's base is {quant_method or 'not quantized'}: add --q_lora True (NF4), or use true."]
-    if dora:
-        return ["--init_lora_weights loftq with --use_dora: DoRA's magnitudes are computed from the base when the "
-                "adapter is created, before LoftQ sets B; use one of them."]
-    if continuing:
-        return ["--init_lora_weights loftq with --lora_weight_path: the adapter is loaded, not initialised; remove one."]
-    return []
+        problems.append(f"--init_lora_weights loftq initialises the adapter from the 4-bit quantization error of an "
+                        f"NF4/FP4 base; this run's base is {quant_method or 'not quantized'}: add --q_lora True (NF4), "
+                        "or use true.")
+    elif dora:
+        problems.append("--init_lora_weights loftq with --use_dora: DoRA's magnitudes are computed from the base when "
+                        "the adapter is created, before LoftQ sets B; use one of them.")
+    elif continuing:
+        problems.append("--init_lora_weights loftq with --lora_weight_path: the adapter is loaded, not initialised; "
+                        "remove one.")
+    if sharded:
+        problems.append("--init_lora_weights loftq with ZeRO-3 or FSDP2: not supported yet (ranks other than 0 hold "
+                        "no 4-bit weights when the adapter is created); use DDP or ZeRO-2, or true.")
+    return problems
 
 
 def resolve_experts(ns: argparse.Namespace, path: str, settings: Settings) -> None:
@@ -340,9 +344,9 @@ def resolve(ns: argparse.Namespace, machine: Machine, env=None) -> Settings:
     settings.training.update(fp16=precision.fp16, bf16=precision.bf16, tf32=precision.tf32)
 
     settings.engine = engine_of(ns.deepspeed, ns.fsdp_config)
-    if str(getattr(ns, "init_lora_weights", "true")).lower() == "loftq" and settings.engine.shards_parameters:
-        settings.problems.append("--init_lora_weights loftq with ZeRO-3 or FSDP2: not supported yet (ranks other than "
-                                 "0 hold no 4-bit weights when the adapter is created); use DDP or ZeRO-2, or true.")
+    if str(getattr(ns, "init_lora_weights", "true")).lower() == "loftq" and (ns.use_lora or ns.q_lora):
+        settings.problems += loftq_problems(settings.quant_method, bool(getattr(ns, "use_dora", False)),
+                                            bool(ns.lora_weight_path), settings.engine.shards_parameters)
     if ns.deepspeed:
         resolve_deepspeed(ns, settings, env)
     resolve_fsdp(ns, settings, env)

@@ -45,7 +45,7 @@ def loftq_initialise(peft_model, model_dir: str, adapter_name: str = "default", 
     except ValueError as e:
         raise UsageError(f"--init_lora_weights loftq reads the base's full-precision weights: {e}.") from None
     prefix = "base_model.model."
-    done = 0
+    ranks = []
     for name, module in peft_model.named_modules():
         base = getattr(module, "base_layer", None)
         if not isinstance(base, bnb.nn.Linear4bit) or adapter_name not in getattr(module, "lora_A", {}):
@@ -58,10 +58,10 @@ def loftq_initialise(peft_model, model_dir: str, adapter_name: str = "default", 
         dequantized = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(device, torch.float32)
         residual = reader.read(key).to(device, torch.float32) - dequantized
         lora_a, lora_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
-        a, b = low_rank_factors(residual, module.r[adapter_name], module.scaling[adapter_name])
+        ranks.append(module.r[adapter_name])
+        a, b = low_rank_factors(residual, ranks[-1], module.scaling[adapter_name])
         lora_a.weight.data = a.to(lora_a.weight.device, lora_a.weight.dtype)
         lora_b.weight.data = b.to(lora_b.weight.device, lora_b.weight.dtype)
-        done += 1
-    log.info("LoftQ: %d adapters initialised from their layers' 4-bit quantization error (rank-%s SVD on %s).",
-             done, next(iter(getattr(peft_model, "peft_config", {}).values())).r if done else "?", device)
-    return done
+    log.info("LoftQ: %d adapters initialised from their layers' 4-bit quantization error (rank %s SVD on %s).",
+             len(ranks), "/".join(map(str, sorted(set(ranks)))) or "-", device)
+    return len(ranks)

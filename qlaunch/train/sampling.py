@@ -18,8 +18,8 @@ class KnownLengthsMixin:
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        lengths = getattr(dataset, "lengths", None)
-        if self.args.train_sampling_strategy != "group_by_length" or lengths is None:
+        # the strategy first: `lengths` reads a column (or every in-memory sample) that other orders never need
+        if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "lengths"):
             return super()._get_train_sampler(train_dataset)
         return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                    dataset=dataset, lengths=list(lengths))
+                                    dataset=dataset, lengths=dataset.lengths)

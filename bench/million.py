@@ -46,13 +46,8 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.path.insert(0, REPO)
 
-QWEN = os.path.join(os.path.dirname(REPO), "shared", "models", "qwen2.5-instruct")
-SYSTEM = "You are a helpful assistant."
-WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by "
-         "word but not what all were we when your can said there use an each which she do how their if will up "
-         "other about out many then them these so some her would make like him into time has look two more write "
-         "go see number no way could people my than first water been call who oil its now find long down day did "
-         "get come made may part model train loss token cache arrow batch 12 345 6789 naïve café 数据 模型").split()
+from bench.tokenization import QWEN, SYSTEM, WORDS  # noqa: E402 - the same words and system prompt
+
 TARGETS = {"build_vs_tokenize": 3.0, "plan_seconds": 30.0, "second_run_seconds": 15.0}
 
 

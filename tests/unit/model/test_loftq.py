@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qlaunch.model.loftq import low_rank_factors, svd_device
-from tests.unit.model.test_lora import lora_args, nf4_base
+from tests.unit.model.test_lora import lora_args, reload_logit_diff
 
 
 def test_scaled_factors_are_the_truncated_svd():
@@ -26,7 +26,6 @@ def test_scaled_factors_are_the_truncated_svd():
 def test_loftq_on_nf4_starts_closer_trains_reloads_and_merges(demo, tmp_path):
     import json
 
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from qlaunch.cli import fit, load_model, prepare
@@ -47,12 +46,7 @@ def test_loftq_on_nf4_starts_closer_trains_reloads_and_merges(demo, tmp_path):
     outcome = fit(prepare(lora_args(demo, out, "--q_lora", "--init_lora_weights", "loftq")))
     assert outcome.status == "done", outcome.message
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
-    model = outcome.trainer.model.eval()
-    with torch.no_grad():
-        trained = model(input_ids=ids).logits
-    reloaded = PeftModel.from_pretrained(nf4_base(demo["model"]), str(out)).eval()
-    with torch.no_grad():
-        assert (reloaded(input_ids=ids).logits - trained).abs().max().item() <= 1e-4
+    assert reload_logit_diff(outcome.trainer.model, out, demo["model"]) <= 1e-4
     info = merge(str(out), str(tmp_path / "merged"))
     assert info["merged_into"] == "dequantized nf4" and info["report"]["within_tolerance"], info["report"]
 

@@ -35,22 +35,26 @@ def lora_args(demo, out, *extra):
             "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "True", *extra]
 
 
-def nf4_base(model_dir: str):
-    """A fresh NF4 (double quant, fp32 compute) base, loaded the way a user of the adapter would."""
+def reload_logit_diff(trained_model, adapter_dir, model_dir: str) -> float:
+    """Max |logit difference| between the trained model and its saved adapter loaded with plain peft on a fresh
+    NF4 (double quant, fp32 compute) base, the way a user of the adapter would load it."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    return AutoModelForCausalLM.from_pretrained(
+    base = AutoModelForCausalLM.from_pretrained(
         model_dir, device_map={"": "cpu"}, dtype=torch.float32,
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
+    reloaded = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    ids = torch.arange(5, 37).unsqueeze(0)
+    with torch.no_grad():
+        return (reloaded(input_ids=ids).logits - trained_model.eval()(input_ids=ids).logits).abs().max().item()
 
 
 def test_dora_and_rslora_on_nf4_train_save_and_reload_with_plain_peft(demo, tmp_path):
     """peft's own options end to end (issue 21): the adapter says DoRA + rsLoRA, the magnitudes trained,
     and a fresh NF4 base with the saved adapter gives the trained model's logits."""
     import json
-
-    from peft import PeftModel
 
     from qlaunch.cli import fit, prepare
 
@@ -65,13 +69,7 @@ def test_dora_and_rslora_on_nf4_train_save_and_reload_with_plain_peft(demo, tmp_
     assert scalings == {16 / math.sqrt(8)}  # rsLoRA: alpha / sqrt(r), not alpha / r
     magnitudes = {n: p for n, p in model.named_parameters() if "lora_magnitude_vector" in n}
     assert magnitudes and all(p.requires_grad for p in magnitudes.values())
-    ids = torch.arange(5, 37).unsqueeze(0)
-    model.eval()
-    with torch.no_grad():
-        trained = model(input_ids=ids).logits
-    reloaded = PeftModel.from_pretrained(nf4_base(demo["model"]), str(out)).eval()
-    with torch.no_grad():
-        assert (reloaded(input_ids=ids).logits - trained).abs().max().item() <= 1e-4
+    assert reload_logit_diff(model, out, demo["model"]) <= 1e-4
 
     # merged into the dequantized NF4 weights, with merge's own proof (magnitudes folded in by peft)
     from qlaunch.merge import merge

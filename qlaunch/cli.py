@@ -170,6 +170,7 @@ def load_model(config):
         model = load_base_model(
             margs, largs, config.quant_method, config.compute_dtype, use_cpu=targs.use_cpu,
             engine=settings.engine if settings else Engine(), load_dtype=settings.load_dtype if settings else None,
+            experts_4bit=bool(settings and settings.quantize_experts),
         )
         if settings and settings.shard_gptq:  # before the skeleton is taken, so the packed weights travel as meta
             from qlaunch.model.gptq_shard import make_shardable

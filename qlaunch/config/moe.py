@@ -2,8 +2,8 @@
 
 transformers 5 holds the experts of many MoE classes (Qwen2-MoE, Qwen3-MoE, Mixtral, DeepSeek-style) as fused
 3-D parameters, [experts, out, in], not as nn.Linear modules. bitsandbytes quantizes nn.Linear only, so under
-NF4/FP4 those experts would stay in 16 bits — most of an MoE model — and a "4-bit" run would need nearly the
-memory of a 16-bit one. LoRA reaches them through peft's `target_parameters` (--lora_target_parameters).
+NF4/FP4 those experts — most of an MoE model — would stay in 16 bits; qlaunch.model.experts_4bit quantizes
+them. LoRA reaches them through peft's `target_parameters` (--lora_target_parameters).
 The experts are counted on the model's skeleton built on the meta device (no memory, no weights read).
 """
 from __future__ import annotations
@@ -67,17 +67,12 @@ def experts_of(model_dir: str, config: dict, trust_remote_code: bool = False) ->
     return count_experts(config, meta_skeleton(model_dir, trust_remote_code=trust_remote_code))
 
 
-def fused_experts_problem(experts: Experts, quant_method: str, bytes_per_param: int = 2) -> str | None:
-    """Why 4-bit quantization of this MoE base would not be 4-bit, with the memory that stays 16-bit."""
-    if not experts.fused_tensors:
-        return None
-    share = experts.fused_params / max(experts.total_params, 1)
-    return (f"--q_lora ({quant_method}) on this {experts.model_type} base: its experts are {experts.fused_tensors} "
-            f"fused 3-D parameters, not nn.Linear, so bitsandbytes leaves them in 16 bits — "
-            f"{amount(experts.fused_params)} parameters ({share:.0%} of the model), "
-            f"{amount(experts.fused_params * bytes_per_param, 'B')} — and a 4-bit "
-            "run would need almost a 16-bit run's memory; train LoRA on the 16-bit base instead (--use_lora, "
-            "sharded with --deepspeed ds_configs/zero3.json or --fsdp_config fsdp_configs/fsdp2.json).")
+def experts_4bit_note(experts: Experts, quant_method: str) -> str:
+    """What happens to fused experts under NF4/FP4: bitsandbytes leaves them 16-bit, qlaunch quantizes them."""
+    return (f"{experts.fused_tensors} fused 3-D expert parameters ({amount(experts.fused_params)}, "
+            f"{experts.fused_params / max(experts.total_params, 1):.0%} of the model) are not nn.Linear, so "
+            f"bitsandbytes leaves them 16-bit: qlaunch quantizes them to {quant_method} per expert after loading "
+            "(qlaunch.model.experts_4bit) and runs the experts' eager forward.")
 
 
 def targets(name: str, wanted: list[str]) -> bool:

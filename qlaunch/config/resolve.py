@@ -43,6 +43,7 @@ class Settings:
     signal_lead: float | None = None  # seconds from SLURM's warning to the kill (QLAUNCH_SIGNAL_LEAD)
     experts: Any = None  # an MoE base's experts (qlaunch.config.moe.Experts), counted before loading
     target_parameter_shapes: tuple = ()  # shapes of the parameters --lora_target_parameters adapts (for the plan)
+    quantize_experts: bool = False  # NF4/FP4 on fused 3-D experts: qlaunch quantizes them (model/experts_4bit)
     model: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -124,11 +125,12 @@ def loftq_problems(quant_method: str | None, dora: bool, continuing: bool, shard
 
 def resolve_experts(ns: argparse.Namespace, path: str, settings: Settings) -> None:
     """An MoE base's experts (qlaunch.config.moe), counted on its meta skeleton when its config is an MoE or
-    --lora_target_parameters names parameters to check: 4-bit that would leave the experts 16-bit is refused."""
+    --lora_target_parameters names parameters to check. Under NF4/FP4, fused 3-D experts (which bitsandbytes
+    leaves in 16 bits) are quantized by qlaunch.model.experts_4bit."""
     from qlaunch.config.checkpoint import read_config
     from qlaunch.config.moe import (
         count_experts,
-        fused_experts_problem,
+        experts_4bit_note,
         is_moe,
         meta_skeleton,
         targeted_parameter_shapes,
@@ -152,10 +154,18 @@ def resolve_experts(ns: argparse.Namespace, path: str, settings: Settings) -> No
     if is_moe(config):
         settings.experts = count_experts(config, skeleton)
         settings.notes.append(settings.experts.text())
-        if settings.quant_method in ("nf4", "fp4"):
-            problem = fused_experts_problem(settings.experts, settings.quant_method)
-            if problem:
-                settings.problems.append(problem)
+        if settings.quant_method in ("nf4", "fp4") and settings.experts.fused_tensors:
+            settings.quantize_experts = True
+            settings.notes.append(experts_4bit_note(settings.experts, settings.quant_method))
+
+
+def sharded_experts_problem(experts, quant_method: str) -> str:
+    from qlaunch.config.moe import amount
+
+    return (f"--q_lora ({quant_method}) with ZeRO-3 or FSDP2 on this {experts.model_type} base: qlaunch's 4-bit "
+            f"experts ({amount(experts.fused_params)} parameters) are not sharded by either engine yet; train on "
+            "one GPU or with DDP / ZeRO-2 (each GPU holds the 4-bit base), or shard the 16-bit base "
+            "(--use_lora without --q_lora).")
 
 
 def shard_4bit_storage(ns: argparse.Namespace, settings: Settings, engine: str) -> None:
@@ -347,6 +357,8 @@ def resolve(ns: argparse.Namespace, machine: Machine, env=None) -> Settings:
     if str(getattr(ns, "init_lora_weights", "true")).lower() == "loftq" and (ns.use_lora or ns.q_lora):
         settings.problems += loftq_problems(settings.quant_method, bool(getattr(ns, "use_dora", False)),
                                             bool(ns.lora_weight_path), settings.engine.shards_parameters)
+    if settings.quantize_experts and settings.engine.shards_parameters:
+        settings.problems.append(sharded_experts_problem(settings.experts, settings.quant_method))
     if ns.deepspeed:
         resolve_deepspeed(ns, settings, env)
     resolve_fsdp(ns, settings, env)

@@ -91,6 +91,19 @@ def nf4_bytes(n: int, double_quant: bool) -> float:
     return n / 2 + state
 
 
+def packed_experts_bytes(shape: Shape, double_quant: bool) -> int:
+    from qlaunch.model.experts_4bit import packed_bytes
+
+    return sum(packed_bytes(e, o, i, double_quant) for e, o, i in shape.fused_experts)
+
+
+def largest_16bit_load_unit(shape: Shape, job: Job) -> int:
+    """Weights of the largest tensor held in 16 bits while it is quantized: a block projection, or under
+    NF4/FP4 a whole fused expert stack (qlaunch.model.experts_4bit quantizes one stack at a time)."""
+    stacks = [e * o * i for e, o, i in shape.fused_experts] if job.quant in ("nf4", "fp4") else []
+    return max([lin.n_in * lin.n_out for lin in shape.block] + stacks)
+
+
 def gptq_bytes(n_in: int, n_out: int, bias: bool, gptq: dict, training: bool = True) -> float:
     """int32-packed weights and zeros, fp16 scales per group, int32 g_idx per input; gptqmodel's torch
     kernel keeps a second (v1) copy of the zeros while training."""
@@ -213,10 +226,13 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
     # Base weights. Non-quantized parameters (embeddings, lm_head, norms, biases): peft's
     # prepare_model_for_kbit_training upcasts them to fp32 for bnb, not for GPTQ (peft skips it);
     # DeepSpeed casts the module to the compute dtype.
-    other = shape.total_params - shape.quantizable
+    # NF4/FP4 on an MoE base: the fused 3-D experts, which bitsandbytes leaves alone, are packed per expert by
+    # qlaunch (qlaunch.model.experts_4bit) and count with the quantized weights
+    experts_4bit = shape.fused_expert_params if kbit else 0
+    other = shape.total_params - shape.quantizable - experts_4bit
     if job.quant:
         if kbit:
-            quant = layers * block_nf4
+            quant = layers * block_nf4 + packed_experts_bytes(shape, job.double_quant)
             other_bytes = c if deepspeed else 4
         else:
             quant = layers * sum(gptq_bytes(lin.n_in, lin.n_out, lin.bias, shape.gptq or {}) for lin in shape.block)
@@ -345,7 +361,7 @@ def plan_memory(shape: Shape, job: Job) -> Plan:
     plan.load_host = load_host_parts(shape, job, quant if job.quant else 0, other)
     plan.counts = {
         "parameters": shape.total_params,
-        "quantized_parameters": shape.quantizable if job.quant else 0,
+        "quantized_parameters": shape.quantizable + experts_4bit if job.quant else 0,
         "trainable_parameters": trainable,
         "lora_parameters": lora,
         "tokens_per_micro_batch": tokens,
@@ -383,9 +399,11 @@ def load_parts(shape: Shape, job: Job, quant_bytes: float, other: int, persisten
                     other * other_bytes / n * on_device,
                 f"one {'unit' if fsdp else 'parameter'} moved whole before sharding": unit}
     if job.quant in ("nf4", "fp4"):
+        stack = bool(shape.fused_experts)
         parts = {**fixed, "4-bit base, whole on every rank": quant_bytes,
                  "non-quantized weights, fp32 after k-bit preparation": other * 4,
-                 "one projection being quantized (16-bit)": largest * 2}
+                 f"one {'expert stack' if stack else 'projection'} being quantized (16-bit)":
+                     largest_16bit_load_unit(shape, job) * job.base_bytes}
         if not job.cuda:  # on a CPU the device is the host: the checkpoint read to quantize is memory-mapped
             # and its pages stay resident (file-backed; the unquantized zero-copy tensors keep the mapping)
             parts["full-precision checkpoint, memory-mapped"] = shape.total_params * shape.checkpoint_bytes
@@ -408,6 +426,12 @@ def load_host_parts(shape: Shape, job: Job, quant_bytes: float, other: int) -> d
     """Host memory while a GPU job loads, where the base is built there (sharded_host_load): rank 0 reads it
     whole (4-bit, with its non-quantized weights) and keeps it until every rank has its shards; the other
     ranks hold only the quantization state of the skeleton they are sent (qlaunch.model.rank0_load)."""
+    if job.quant in ("nf4", "fp4") and shape.fused_experts and job.cuda and not sharded_host_load(job):
+        # built in host memory (qlaunch.model.load.device_map_for): the experts 16-bit until each stack is
+        # quantized onto the GPU, then the rest of the model moves there
+        return {"each rank: 4-bit block projections": quant_bytes - packed_experts_bytes(shape, job.double_quant),
+                "each rank: fused experts, 16-bit until quantized": shape.fused_expert_params * job.base_bytes,
+                "each rank: non-quantized weights, 16-bit": other * job.base_bytes}
     if not sharded_host_load(job):
         return {}
     if job.quant == "gptq":  # pre-quantized: nothing is quantized at load, and every packed tensor is a

@@ -225,7 +225,10 @@ def format_plan(plan: dict) -> str:
     lines += [f"    {name:40} {v:8.2f} GB" for name, v in gb["load"].items() if v >= 0.005]
     lines.append(f"  {'load peak per device':42} {gb['load_peak']:8.2f} GB")
     host = gb.get("load_host") or {}
-    if host:
+    if any(k.startswith("each rank") for k in host):  # an MoE's 16-bit experts, before they are packed
+        lines.append(f"  {'host memory while loading, each rank':42} {sum(host.values()):8.2f} GB (the experts arrive "
+                     "16-bit; each stack is quantized onto the GPU)")
+    elif host:
         rank0 = sum(v for k, v in host.items() if k.startswith("rank 0"))
         others = sum(v for k, v in host.items() if not k.startswith("rank 0"))
         lines.append(f"  {'host memory while loading, rank 0':42} {rank0:8.2f} GB (the 4-bit base is built there)")

@@ -44,6 +44,11 @@ class Shape:
     embedding_names: tuple[str, ...] = ("embed_tokens",)
     output_name: str = "lm_head"
     checkpoint_bytes: int = 2  # bytes per weight in the checkpoint's files (config.json torch_dtype/dtype)
+    fused_experts: tuple[tuple[int, int, int], ...] = ()  # every 3-D [experts, out, in] parameter of an MoE
+
+    @property
+    def fused_expert_params(self) -> int:
+        return sum(e * o * i for e, o, i in self.fused_experts)
 
     @property
     def block_weights(self) -> int:
@@ -141,6 +146,7 @@ def transformers_shape(config: dict) -> Shape:
         tied=bool(getattr(hf_config, "tie_word_embeddings", False)), block=block,
         total_params=sum(p.numel() for p in model.parameters()),
         gated_mlp=bool(names & {"gate_proj", "w1", "w3", "gate_up_proj"}), gptq=_gptq(config),
+        fused_experts=tuple(tuple(p.shape) for p in model.parameters() if p.dim() == 3),
     )
 
 

@@ -129,11 +129,19 @@ def load_for_inference(
     if qc is not None:
         kwargs["quantization_config"] = qc
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    if quant in ("nf4", "fp4"):  # an MoE's fused experts, 4-bit as in training (qlaunch.model.experts_4bit)
+        from qlaunch.model.experts_4bit import fused_expert_parameters
+        from qlaunch.model.load import quantize_fused_experts, training_device
+
+        if fused_expert_parameters(model):
+            quantize_fused_experts(model, quant, lora_args.bnb_4bit_use_double_quant, dtype, training_device(cuda))
     tokenizer = load_tokenizer(adapter if adapter and _has_tokenizer(adapter) else base, trust_remote_code)
     if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        from qlaunch.model.lora import with_packed_experts
+
+        model = with_packed_experts(PeftModel.from_pretrained(model, adapter))
     model.eval()
     return model, tokenizer
 

@@ -52,7 +52,8 @@ def quantization_config(quant_method: str | None, compute_dtype: torch.dtype, lo
     return None
 
 
-def device_map_for(quant_method: str | None, *, cuda: bool, engine: Engine, local_rank: int = 0):
+def device_map_for(quant_method: str | None, *, cuda: bool, engine: Engine, local_rank: int = 0,
+                   experts_4bit: bool = False):
     """Where from_pretrained puts the base, from the device facts (a pure function: tested with GPU facts).
 
     Quantized weights are placed at load time. Under DDP / ZeRO-2 each rank holds a whole copy, on
@@ -61,12 +62,33 @@ def device_map_for(quant_method: str | None, *, cuda: bool, engine: Engine, loca
     quantization state along), so no GPU ever holds the whole quantized model. ZeRO-3 builds it in host
     memory too, and qlaunch.model.zero3_init partitions it one parameter at a time onto the GPUs. A GPTQ
     base is built in host memory like NF4: its packed weights are shardable parameters once loaded.
-    Full-precision bases load without a device map (under ZeRO-3 transformers partitions them itself)."""
+    Full-precision bases load without a device map (under ZeRO-3 transformers partitions them itself).
+    An MoE base whose fused experts qlaunch quantizes (experts_4bit) loads in host memory too, since
+    bitsandbytes leaves those in 16 bits: each stack then goes to the GPU as it is quantized
+    (qlaunch.model.experts_4bit), and the rest of the model after it."""
     if quant_method is None:
         return None
-    if not cuda or engine.shards_parameters:
+    if not cuda or engine.shards_parameters or experts_4bit:
         return {"": "cpu"}
     return {"": local_rank}
+
+
+def training_device(cuda: bool, local_rank: int = 0) -> torch.device:
+    return torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+
+
+def quantize_fused_experts(model, quant_method: str, double_quant: bool, compute_dtype: torch.dtype,
+                           device: torch.device) -> None:
+    """The fused experts to 4-bit on the training device, then the rest of the host-built model after them."""
+    from qlaunch.config.moe import amount
+    from qlaunch.model.experts_4bit import quantize_experts
+
+    values, stored = quantize_experts(model, quant_method, double_quant, compute_dtype, device)
+    if device.type != "cpu":
+        torch.nn.Module.to(model, device)  # bitsandbytes' Params4bit.to carries its quantization state along
+        model.hf_device_map = {"": str(device)}
+    log.info("MoE experts: %s parameters quantized to %s by qlaunch, %s stored (%.3f bits per parameter); "
+             "eager experts forward.", amount(values), quant_method, amount(stored, "B"), stored * 8 / max(values, 1))
 
 
 @contextlib.contextmanager
@@ -91,12 +113,14 @@ def zero3_flag_hidden(hide: bool):
 
 def load_base_model(
     model_args, lora_args, quant_method: str | None, compute_dtype: torch.dtype, *, use_cpu: bool,
-    engine: Engine = Engine(), load_dtype: torch.dtype | None = None,
+    engine: Engine = Engine(), load_dtype: torch.dtype | None = None, experts_4bit: bool = False,
 ) -> PreTrainedModel:
     from qlaunch.model.gptq import trainable_backend
 
     cuda = not use_cpu and torch.cuda.is_available()
-    device_map = device_map_for(quant_method, cuda=cuda, engine=engine, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device_map = device_map_for(quant_method, cuda=cuda, engine=engine, local_rank=local_rank,
+                                experts_4bit=experts_4bit)
     backend = trainable_backend(cuda=cuda, built_on_host=device_map in (None, {"": "cpu"}))
     kwargs = {
         "trust_remote_code": model_args.trust_remote_code,
@@ -111,6 +135,9 @@ def load_base_model(
             model_args.model_name_or_path, **{k: v for k, v in kwargs.items() if v is not None}
         )
     model.config.use_cache = False  # the KV cache is useless in training and breaks checkpointing
+    if experts_4bit:
+        quantize_fused_experts(model, quant_method, lora_args.bnb_4bit_use_double_quant, compute_dtype,
+                               training_device(cuda, local_rank))
     if quant_method == "gptq":
         from qlaunch.model.gptq import kernel_summary, pin_training_kernels
 

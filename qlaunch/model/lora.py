@@ -54,7 +54,7 @@ def attach_lora(model: PreTrainedModel, lora_args, *, quant_method: str | None, 
 
     if lora_args.lora_weight_path:
         log.info("Continuing training of the adapter in %s", lora_args.lora_weight_path)
-        return PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
+        return with_packed_experts(PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True))
 
     loftq = str(getattr(lora_args, "init_lora_weights", "true")).lower() == "loftq"
     targets = lora_args.lora_target_modules or detect_lora_targets(model)
@@ -72,7 +72,7 @@ def attach_lora(model: PreTrainedModel, lora_args, *, quant_method: str | None, 
         init_lora_weights=True if loftq else peft_init(getattr(lora_args, "init_lora_weights", "true")),
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, config)
+    model = with_packed_experts(get_peft_model(model, config))
     if loftq:  # peft's "loftq" wants a full-precision base (and a GPU): qlaunch.model.loftq on the 4-bit one
         from qlaunch.model.loftq import loftq_initialise
 
@@ -116,3 +116,12 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
     params = [p for name, p in model.named_parameters() if not name.endswith(SUFFIX)]
     return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)
+
+
+def with_packed_experts(model):
+    """peft's wrappers over 4-bit fused experts (qlaunch.model.experts_4bit) apply LoRA per expert."""
+    from qlaunch.model.experts_4bit import adapt_packed_experts
+
+    if adapt_packed_experts(model):
+        log.info("LoRA on the 4-bit experts: added to each expert as it is dequantized (peft's adapter format).")
+    return model

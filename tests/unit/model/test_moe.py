@@ -1,5 +1,5 @@
-"""MoE bases: experts counted before loading, 4-bit refused where the experts would stay 16-bit, LoRA on the
-fused experts through peft's target_parameters, the router's auxiliary loss in the trained loss."""
+"""MoE bases: experts counted before loading, fused experts quantized to 4-bit under NF4/FP4 (qlaunch.model.experts_4bit),
+LoRA on the fused experts through peft's target_parameters, the router's auxiliary loss in the trained loss."""
 import json
 
 import pytest
@@ -39,24 +39,123 @@ def test_experts_are_counted_on_the_meta_skeleton(kind, moe):
     assert set(experts.names) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
 
 
-def test_4bit_on_fused_experts_is_refused_with_what_stays_16_bit(moe, demo, tmp_path):
-    from qlaunch.config.moe import count_experts, fused_experts_problem, meta_skeleton
-    from tests.model_dims import DIMS, config_dir
+@pytest.mark.parametrize("quant, double_quant", [("nf4", True), ("fp4", False)])
+def test_packed_experts_hold_what_bitsandbytes_computes(quant, double_quant):
+    """Each expert's uint8 row gives back exactly bitsandbytes' own dequantization of that expert's matrix."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
-    for kind in KINDS:
-        with pytest.raises(UsageError) as refused:
-            prepare(["--model_name_or_path", moe[kind], "--data_path", demo["train"], "--output_dir",
-                     str(tmp_path / kind), "--q_lora", *FAST])
-        text = " ".join(refused.value.problems)
-        assert "fused 3-D parameters, not nn.Linear" in text and "--use_lora" in text, text
-        assert not (tmp_path / kind).exists()
-    # Qwen3-30B-A3B, from its published dimensions: 128 experts of 3 x 2048 x 768 in 48 layers stay 16-bit
-    path = config_dir("Qwen/Qwen3-30B-A3B", str(tmp_path), prefer_shared=False)
-    experts = count_experts(DIMS["Qwen/Qwen3-30B-A3B"], meta_skeleton(path))
-    assert experts.fused_params == 48 * 128 * 3 * 2048 * 768
-    assert 30.4e9 < experts.total_params < 30.6e9 and 3.2e9 < experts.active_params < 3.4e9  # "30B-A3B"
-    text = fused_experts_problem(experts, "nf4")
-    assert "29B parameters (95% of the model), 58GB" in text, text
+    from qlaunch.model.experts_4bit import ExpertLayout, PackedStack, packed_bytes, quantize_expert
+
+    weights = torch.randn(3, 96, 80, generator=torch.Generator().manual_seed(1))  # 7680 values: not a multiple of 256 blocks
+    layout = ExpertLayout(3, 96, 80, quant, double_quant, torch.float32)
+    rows = torch.stack([quantize_expert(w, layout) for w in weights])
+    assert rows.numel() == packed_bytes(3, 96, 80, double_quant) and PackedStack(rows, layout).shape == (3, 96, 80)
+    for storage in (rows, rows.view(torch.bfloat16)):  # the same bytes stored as a float dtype (sharding engines)
+        for e in range(3):
+            own = dequantize_4bit(*quantize_4bit(weights[e], blocksize=64, compress_statistics=double_quant,
+                                                quant_type=quant))
+            assert torch.equal(PackedStack(storage, layout)[torch.tensor(e)], own)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_4bit_experts_and_their_lora_compute_what_peft_computes_on_the_dequantized_base(kind, moe):
+    """NF4 experts: ~4.13 bits per parameter stored, logits near the 16-bit model's, and LoRA on them (peft's
+    ParamWrapper, applied per expert) equal to peft's own on a 16-bit base holding the dequantized experts."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from qlaunch.model.experts_4bit import packed_parameters, quantize_experts
+    from qlaunch.model.lora import with_packed_experts
+
+    ids = torch.arange(5, 30).unsqueeze(0)
+    plain = AutoModelForCausalLM.from_pretrained(moe[kind]).eval()
+    model = AutoModelForCausalLM.from_pretrained(moe[kind]).eval()
+    values, stored = quantize_experts(model, "nf4", True, torch.float32)
+    assert values == sum(p.numel() for p in plain.parameters() if p.dim() == 3) and 4.1 < stored * 8 / values < 4.2
+    assert model.config._experts_implementation == "eager"
+    with torch.no_grad():
+        exact, quantized = plain(input_ids=ids).logits, model(input_ids=ids).logits
+    assert (exact - quantized).abs().mean() < 0.05 * exact.abs().mean()  # measured 0.7-1.8%
+
+    names = {module: name for name, module in model.named_modules()}
+    plain.load_state_dict({f"{names[module]}.{pname}": torch.stack([getattr(module, pname)[e] for e in range(4)])
+                           for module, pname, _ in packed_parameters(model)}, strict=False)
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"], target_parameters=EXPERTS[1:])
+    adapted = with_packed_experts(get_peft_model(model, LoraConfig(**lora)))
+    reference = get_peft_model(plain, LoraConfig(**lora))
+    for name, p in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    set_peft_model_state_dict(reference, get_peft_model_state_dict(adapted))
+    with torch.no_grad():
+        ours, peft_own = adapted(input_ids=ids).logits, reference(input_ids=ids).logits
+        with adapted.disable_adapter():
+            base = adapted(input_ids=ids).logits
+    assert (ours - base).abs().max() > 1e-2  # the experts' LoRA acts
+    assert torch.allclose(ours, peft_own, atol=1e-5), (ours - peft_own).abs().max()
+    adapted(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in adapted.named_parameters() if p.requires_grad and ".experts." in n}
+    assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_moe_nf4_qlora_trains_4bit_experts_and_reloads(moe, demo, tmp_path):
+    """The whole run: --q_lora on an MoE base quantizes its experts (no refusal), the plan counts them 4-bit and
+    counts the expert LoRA peft builds, LoRA on them changes the experts' outputs, and the saved adapter loaded
+    for inference (4-bit experts again, plain peft's adapter file) gives the trained model's logits."""
+    from qlaunch.model.experts_4bit import packed_parameters
+    from qlaunch.model.inference import load_for_inference
+
+    out = tmp_path / "nf4"
+    config = prepare(["--model_name_or_path", moe["qwen3_moe"], "--data_path", demo["train"], "--output_dir",
+                      str(out), "--q_lora", *EXPERTS, *FAST])
+    assert config.settings.quantize_experts and any("qlaunch quantizes them to nf4" in n for n in config.settings.notes)
+    planned = memory_plan(config)
+    outcome = fit(config)
+    assert outcome.status == "done", outcome.message
+    model = outcome.trainer.model.eval()
+    packed = packed_parameters(model)
+    values = sum(layout.experts * layout.values for _, _, layout in packed)
+    stored = sum(module._parameters[name].numel() for module, name, _ in packed)  # uint8: bytes
+    assert len(packed) == 4 and 4.1 < stored * 8 / values < 4.2
+    linear_4bit = sum(p.numel() * 2 for p in model.parameters() if type(p).__name__ == "Params4bit")  # 2 per byte
+    assert planned["quantized_parameters"] == values + linear_4bit
+    assert planned["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    block = model.get_base_model().model.layers[0].mlp
+    hidden = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = block(hidden)
+        with model.disable_adapter():
+            plain = block(hidden)
+    adapted, plain = (x[0] if isinstance(x, tuple) else x for x in (adapted, plain))
+    assert (adapted - plain).abs().max() > 1e-4  # the block has no attention: only the experts' LoRA acts
+    ids = torch.arange(5, 25).unsqueeze(0)
+    reloaded, _ = load_for_inference(adapter=str(out), device="cpu", dtype=torch.float32)
+    assert len(packed_parameters(reloaded)) == 4
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", [["--deepspeed", "ds_configs/zero3.json"], ["--fsdp_config", "fsdp_configs/fsdp2.json"]])
+def test_4bit_experts_with_a_sharding_engine_are_refused_before_loading(moe, demo, tmp_path, engine):
+    from tests.conftest import REPO
+
+    engine = [f"{REPO}/{a}" if a.endswith(".json") else a for a in engine]
+    with pytest.raises(UsageError) as refused:
+        prepare(["--model_name_or_path", moe["mixtral"], "--data_path", demo["train"], "--output_dir",
+                 str(tmp_path / "x"), "--q_lora", *engine, *FAST])
+    assert "4-bit experts (197k parameters) are not sharded by either engine yet" in " ".join(refused.value.problems)
+    assert not (tmp_path / "x").exists()
+
+
+def test_4bit_experts_load_in_host_memory_on_a_gpu():
+    """GPU facts: an MoE whose experts qlaunch quantizes is built in host memory (bitsandbytes leaves them
+    16-bit), each stack quantized onto the GPU; other 4-bit bases load straight onto the GPU."""
+    from qlaunch.config.engine import Engine
+    from qlaunch.model.load import device_map_for, training_device
+
+    assert device_map_for("nf4", cuda=True, engine=Engine(), local_rank=1, experts_4bit=True) == {"": "cpu"}
+    assert device_map_for("nf4", cuda=True, engine=Engine(), local_rank=1) == {"": 1}
+    assert training_device(True, 1) == torch.device("cuda:1") and training_device(False) == torch.device("cpu")
 
 
 def test_lora_on_the_experts_changes_their_outputs_and_needs_no_dropout(moe, demo, tmp_path):
@@ -96,9 +195,11 @@ def test_lora_on_the_experts_changes_their_outputs_and_needs_no_dropout(moe, dem
         assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
 
 
-def test_the_routers_auxiliary_loss_is_in_the_trained_loss(moe, demo, tmp_path):
+@pytest.mark.parametrize("lora", ["--use_lora", "--q_lora"])
+def test_the_routers_auxiliary_loss_is_in_the_trained_loss(moe, demo, tmp_path, lora):
     """With output_router_logits (as the model's config defines it) the loss qlaunch's Trainer optimizes is
-    cross-entropy + router_aux_loss_coef x the load-balancing loss, not cross-entropy alone."""
+    cross-entropy + router_aux_loss_coef x the load-balancing loss, not cross-entropy alone (16-bit and 4-bit
+    experts)."""
     import torch.nn.functional as F
 
     from qlaunch.cli import load_datasets, load_model
@@ -106,7 +207,7 @@ def test_the_routers_auxiliary_loss_is_in_the_trained_loss(moe, demo, tmp_path):
     from qlaunch.train.trainer import build_trainer
 
     config = prepare(["--model_name_or_path", moe["mixtral"], "--data_path", demo["train"], "--output_dir",
-                      str(tmp_path / "aux"), "--use_lora", *FAST])
+                      str(tmp_path / "aux"), lora, *FAST])
     tokenizer = load_tokenizer(moe["mixtral"])
     train, _ = load_datasets(config, tokenizer)
     model, _ = load_model(config)
@@ -168,3 +269,27 @@ def test_plan_of_published_moe_architectures_on_1_and_8_gpus(name, tmp_path, cap
     assert reports["1"]["parameters"] == reports["8"]["parameters"]
     assert abs(one["persistent"]["base weights"] / eight["persistent"]["base weights"] - 8) < 0.01
     assert eight["per_device_peak"] < one["per_device_peak"]
+
+
+def test_plan_of_qwen3_30b_a3b_nf4_counts_4bit_experts_and_their_16_bit_load(tmp_path, capsys):
+    """--q_lora on the published Qwen3-30B-A3B: the experts count as packed 4-bit (≈4.13 bits), the base is ~1/3.6
+    of its 16-bit size on one GPU, and the host holds the 16-bit experts while they load (GPU facts)."""
+    from qlaunch.plan import main as plan_main
+    from tests.model_dims import config_dir
+
+    path = config_dir("Qwen/Qwen3-30B-A3B", str(tmp_path), prefer_shared=False)
+    args = ["--model_name_or_path", path, "--gpu", "H100-80GB", "--num_gpus", "1", "--gradient_checkpointing", "True",
+            "--model_max_length", "2048", "--per_device_train_batch_size", "1", "--json"]
+    reports = {}
+    for lora in ("--use_lora", "--q_lora"):
+        plan_main([*args, lora])
+        reports[lora] = json.loads(capsys.readouterr().out)
+    nf4, full = reports["--q_lora"], reports["--use_lora"]
+    experts = 48 * 128 * 3 * 2048 * 768
+    assert nf4["experts"]["fused_expert_parameters"] == experts and nf4["quantized_parameters"] > experts
+    host = nf4["memory_gb"]["load_host"]
+    assert host["each rank: fused experts, 16-bit until quantized"] * 1024**3 == pytest.approx(experts * 2)
+    ratio = full["memory_gb"]["persistent"]["base weights"] / nf4["memory_gb"]["persistent"]["base weights"]
+    assert 3.2 < ratio < 3.9, ratio  # 16-bit experts vs 4.13 bits (plus the fp32 embeddings kept by both)
+    assert nf4["memory_gb"]["per_device_peak"] < 24  # attention LoRA, 2048 tokens: a 24 GB GPU's job
+    assert nf4["memory_gb"]["load"]["one expert stack being quantized (16-bit)"] * 1024**3 == 128 * 2 * 768 * 2048 * 2

@@ -221,12 +221,10 @@ def describe_run(config, trainer, model, targets) -> dict:
              100 * trainable / max(total, 1), note)
     info = run_info(config, trainer, trainable, total, targets)
     if config.quant_method in ("nf4", "fp4"):
-        from qlaunch.model.footprint import quantized_storage
+        from qlaunch.model.footprint import quantized_storage, storage_text
 
         info["quantized_storage"] = storage = quantized_storage(model)
-        log.info("%s base: %d 4-bit layers, %.3f stored bits/param (weights + quantization state; "
-                 "the fixed per-tensor state dominates on small layers)",
-                 config.quant_method.upper(), storage["layers"], storage["bits_per_param"])
+        log.info(storage_text(config.quant_method, storage))
     log.info("World size %d (%s), device %s", info["world_size"], info["distributed"], info["device"])
     return info
 

@@ -159,15 +159,6 @@ def resolve_experts(ns: argparse.Namespace, path: str, settings: Settings) -> No
             settings.notes.append(experts_4bit_note(settings.experts, settings.quant_method))
 
 
-def sharded_experts_problem(experts, quant_method: str) -> str:
-    from qlaunch.config.moe import amount
-
-    return (f"--q_lora ({quant_method}) with ZeRO-3 or FSDP2 on this {experts.model_type} base: qlaunch's 4-bit "
-            f"experts ({amount(experts.fused_params)} parameters) are not sharded by either engine yet; train on "
-            "one GPU or with DDP / ZeRO-2 (each GPU holds the 4-bit base), or shard the 16-bit base "
-            "(--use_lora without --q_lora).")
-
-
 def shard_4bit_storage(ns: argparse.Namespace, settings: Settings, engine: str) -> None:
     """ZeRO-3 and FSDP2 shard parameters; packed 4-bit weights shard with the rest only when stored in a
     floating dtype. bitsandbytes' (transformers/peft's recipe): the compute dtype, unless chosen. GPTQ's:
@@ -357,8 +348,6 @@ def resolve(ns: argparse.Namespace, machine: Machine, env=None) -> Settings:
     if str(getattr(ns, "init_lora_weights", "true")).lower() == "loftq" and (ns.use_lora or ns.q_lora):
         settings.problems += loftq_problems(settings.quant_method, bool(getattr(ns, "use_dora", False)),
                                             bool(ns.lora_weight_path), settings.engine.shards_parameters)
-    if settings.quantize_experts and settings.engine.shards_parameters:
-        settings.problems.append(sharded_experts_problem(settings.experts, settings.quant_method))
     if ns.deepspeed:
         resolve_deepspeed(ns, settings, env)
     resolve_fsdp(ns, settings, env)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from qlaunch.memory.experts import largest_16bit_load_unit, packed_bytes_of, packed_experts_bytes
 from qlaunch.memory.shape import Shape
 
 GiB = 1024**3
@@ -89,19 +90,6 @@ def nf4_bytes(n: int, double_quant: bool) -> float:
     else:
         state += blocks * 4
     return n / 2 + state
-
-
-def packed_experts_bytes(shape: Shape, double_quant: bool) -> int:
-    from qlaunch.model.experts_4bit import packed_bytes
-
-    return sum(packed_bytes(e, o, i, double_quant) for e, o, i in shape.fused_experts)
-
-
-def largest_16bit_load_unit(shape: Shape, job: Job) -> int:
-    """Weights of the largest tensor held in 16 bits while it is quantized: a block projection, or under
-    NF4/FP4 a whole fused expert stack (qlaunch.model.experts_4bit quantizes one stack at a time)."""
-    stacks = [e * o * i for e, o, i in shape.fused_experts] if job.quant in ("nf4", "fp4") else []
-    return max([lin.n_in * lin.n_out for lin in shape.block] + stacks)
 
 
 def gptq_bytes(n_in: int, n_out: int, bias: bool, gptq: dict, training: bool = True) -> float:
@@ -390,14 +378,18 @@ def load_parts(shape: Shape, job: Job, quant_bytes: float, other: int, persisten
         # offload_param). FSDP2 keeps non-quantized weights in fp32 after bnb's k-bit preparation, in the
         # compute dtype for GPTQ (peft skips it).
         on_device = 0.0 if job.offload_params else 1.0
-        fsdp = job.engine == "fsdp2"
-        other_bytes = 4 if fsdp and job.quant in ("nf4", "fp4") else job.base_bytes
+        fsdp, kbit = job.engine == "fsdp2", job.quant in ("nf4", "fp4")
+        other_bytes = 4 if fsdp and kbit else job.base_bytes
         embedding = shape.embedding_params * other_bytes
-        unit = max(quant_bytes / max(shape.layers, 1), embedding) if fsdp else max(largest / 2, embedding)
-        return {**fixed, "4-bit base shards (1/N)": quant_bytes / n * on_device,
-                f"non-quantized weight shards, {'fp32' if other_bytes == 4 else '16-bit'} (1/N)":
-                    other * other_bytes / n * on_device,
-                f"one {'unit' if fsdp else 'parameter'} moved whole before sharding": unit}
+        stacks = [packed_bytes_of(stack, job.double_quant) for stack in shape.fused_experts] if kbit else [0]
+        unit = max(quant_bytes / max(shape.layers, 1), embedding) if fsdp else max(largest / 2, embedding, *stacks)
+        parts = {**fixed, "4-bit base shards (1/N)": quant_bytes / n * on_device,
+                 f"non-quantized weight shards, {'fp32' if other_bytes == 4 else '16-bit'} (1/N)":
+                     other * other_bytes / n * on_device,
+                 f"one {'unit' if fsdp else 'parameter'} moved whole before sharding": unit}
+        if kbit and shape.fused_experts:  # rank 0 packs each expert stack on its GPU (qlaunch.model.load)
+            parts["rank 0: one expert stack being quantized (16-bit)"] = largest_16bit_load_unit(shape, job) * job.base_bytes
+        return parts
     if job.quant in ("nf4", "fp4"):
         stack = bool(shape.fused_experts)
         parts = {**fixed, "4-bit base, whole on every rank": quant_bytes,
@@ -439,7 +431,11 @@ def load_host_parts(shape: Shape, job: Job, quant_bytes: float, other: int) -> d
         return {"rank 0: 4-bit base, whole": quant_bytes,
                 "rank 0: non-quantized weights, 16-bit": other * job.base_bytes}
     largest = max(lin.n_in * lin.n_out for lin in shape.block)
-    state = max(quant_bytes - shape.quantizable / 2, 0.0)
-    return {"rank 0: 4-bit base, whole": quant_bytes, "rank 0: non-quantized weights, fp32": other * 4,
-            "rank 0: one projection being quantized (16-bit)": largest * 2,
-            "each other rank: quantization state of the skeleton": state}
+    packed = packed_experts_bytes(shape, job.double_quant)  # experts: one uint8/float parameter, no state
+    state = max(quant_bytes - packed - shape.quantizable / 2, 0.0)
+    parts = {"rank 0: 4-bit base, whole": quant_bytes, "rank 0: non-quantized weights, fp32": other * 4,
+             "rank 0: one projection being quantized (16-bit)": largest * 2,
+             "each other rank: quantization state of the skeleton": state}
+    if shape.fused_experts:  # bitsandbytes leaves them 16-bit while loading; each stack is packed on the GPU
+        parts["rank 0: fused experts, 16-bit until quantized"] = shape.fused_expert_params * job.base_bytes
+    return parts

@@ -173,21 +173,41 @@ class PackedStack:
 
 
 class PackedExperts:
-    """Mixed into an experts module whose fused parameters are packed (`quantize_experts`): those names read
-    as PackedStack. `packed_layouts` and `lora_terms` live in the instance, so copies and pickles (the
-    skeleton other ranks receive) carry them; the class is rebuilt from the model's own experts class."""
+    """Mixed into an experts module whose fused parameters are packed (`quantize_experts`): inside its forward
+    (and while peft attaches LoRA: `packed_views`) those names read as PackedStack; everywhere else as the
+    parameters they are, which the engines read and replace by name (FSDP2's getattr / _parameters).
+    `packed_layouts` and `lora_terms` live in the instance, so copies and pickles (the skeleton other ranks
+    receive) carry them; the class is rebuilt from the model's own experts class."""
 
     _unpacked_class: type = nn.Module
 
     def __getattr__(self, name):
         value = super().__getattr__(name)
         layout = self.__dict__.get("packed_layouts", {}).get(name)
-        if layout is None:
+        if layout is None or not self.__dict__.get("reading_packed"):
             return value
         return PackedStack(value, layout, self.__dict__["lora_terms"].get(name, ()))
 
+    def forward(self, *args, **kwargs):
+        with packed_views(self):
+            return super().forward(*args, **kwargs)
+
     def __reduce_ex__(self, protocol):
         return _packed_instance, (self._unpacked_class,), self.__getstate__()
+
+
+@contextlib.contextmanager
+def packed_views(model: nn.Module):
+    """The packed experts of `model` read as PackedStack while this lasts (their forward; peft sizing LoRA)."""
+    modules = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    before = [m.__dict__.get("reading_packed", False) for m in modules]
+    for module in modules:
+        module.__dict__["reading_packed"] = True
+    try:
+        yield
+    finally:
+        for module, flag in zip(modules, before):
+            module.__dict__["reading_packed"] = flag
 
 
 @functools.cache
@@ -211,15 +231,16 @@ def packed_parameters(model: nn.Module) -> list[tuple[nn.Module, str, ExpertLayo
 
 
 def quantize_experts(model: nn.Module, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
-                     device: torch.device | str = "cpu") -> tuple[int, int]:
+                     device: torch.device | str = "cpu", store_on: torch.device | str | None = None) -> tuple[int, int]:
     """Pack every fused 3-D expert parameter to 4 bits on `device`, one parameter at a time (only one 16-bit
-    stack is ever on the device), and set the eager experts forward. Returns (values, bytes) stored."""
+    stack is ever on the device), keep the packed rows on `store_on` (default: the same device), and set the
+    eager experts forward. Returns (values, bytes) stored."""
     values = stored = 0
     for module, name, param in fused_expert_parameters(model):
         experts, out_features, in_features = param.shape
         layout = ExpertLayout(experts, out_features, in_features, quant_type, double_quant, compute_dtype)
         weights = param.data.to(device)
-        rows = torch.stack([quantize_expert(weights[e], layout) for e in range(experts)])
+        rows = torch.stack([quantize_expert(weights[e], layout) for e in range(experts)]).to(store_on or device)
         del weights
         if not isinstance(module, PackedExperts):
             module.__class__ = packed_class(type(module))

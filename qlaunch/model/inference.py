@@ -139,9 +139,9 @@ def load_for_inference(
     if adapter:
         from peft import PeftModel
 
-        from qlaunch.model.lora import with_packed_experts
+        from qlaunch.model.lora import peft_over_packed_experts
 
-        model = with_packed_experts(PeftModel.from_pretrained(model, adapter))
+        model = peft_over_packed_experts(model, lambda: PeftModel.from_pretrained(model, adapter))
     model.eval()
     return model, tokenizer
 

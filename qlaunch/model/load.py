@@ -78,13 +78,15 @@ def training_device(cuda: bool, local_rank: int = 0) -> torch.device:
 
 
 def quantize_fused_experts(model, quant_method: str, double_quant: bool, compute_dtype: torch.dtype,
-                           device: torch.device) -> None:
-    """The fused experts to 4-bit on the training device, then the rest of the host-built model after them."""
+                           device: torch.device, move: bool = True) -> None:
+    """The fused experts quantized to 4 bits on the training device; with `move` they stay there and the rest of
+    the host-built model follows, otherwise they return to host memory beside it."""
     from qlaunch.config.moe import amount
     from qlaunch.model.experts_4bit import quantize_experts
 
-    values, stored = quantize_experts(model, quant_method, double_quant, compute_dtype, device)
-    if device.type != "cpu":
+    values, stored = quantize_experts(model, quant_method, double_quant, compute_dtype, device,
+                                      store_on=None if move else "cpu")
+    if move and device.type != "cpu":
         torch.nn.Module.to(model, device)  # bitsandbytes' Params4bit.to carries its quantization state along
         model.hf_device_map = {"": str(device)}
     log.info("MoE experts: %s parameters quantized to %s by qlaunch, %s stored (%.3f bits per parameter); "
@@ -135,9 +137,9 @@ def load_base_model(
             model_args.model_name_or_path, **{k: v for k, v in kwargs.items() if v is not None}
         )
     model.config.use_cache = False  # the KV cache is useless in training and breaks checkpointing
-    if experts_4bit:
+    if experts_4bit:  # sharding engines take the model from host memory; the others train where it is quantized
         quantize_fused_experts(model, quant_method, lora_args.bnb_4bit_use_double_quant, compute_dtype,
-                               training_device(cuda, local_rank))
+                               training_device(cuda, local_rank), move=not engine.shards_parameters)
     if quant_method == "gptq":
         from qlaunch.model.gptq import kernel_summary, pin_training_kernels
 

@@ -54,7 +54,9 @@ def attach_lora(model: PreTrainedModel, lora_args, *, quant_method: str | None, 
 
     if lora_args.lora_weight_path:
         log.info("Continuing training of the adapter in %s", lora_args.lora_weight_path)
-        return with_packed_experts(PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True))
+        return peft_over_packed_experts(
+            model, lambda: PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True),
+            getattr(lora_args, "bnb_4bit_quant_storage", None))
 
     loftq = str(getattr(lora_args, "init_lora_weights", "true")).lower() == "loftq"
     targets = lora_args.lora_target_modules or detect_lora_targets(model)
@@ -72,7 +74,8 @@ def attach_lora(model: PreTrainedModel, lora_args, *, quant_method: str | None, 
         init_lora_weights=True if loftq else peft_init(getattr(lora_args, "init_lora_weights", "true")),
         task_type="CAUSAL_LM",
     )
-    model = with_packed_experts(get_peft_model(model, config))
+    model = peft_over_packed_experts(model, lambda: get_peft_model(model, config),
+                                     getattr(lora_args, "bnb_4bit_quant_storage", None))
     if loftq:  # peft's "loftq" wants a full-precision base (and a GPU): qlaunch.model.loftq on the 4-bit one
         from qlaunch.model.loftq import loftq_initialise
 
@@ -118,10 +121,19 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)
 
 
-def with_packed_experts(model):
-    """peft's wrappers over 4-bit fused experts (qlaunch.model.experts_4bit) apply LoRA per expert."""
-    from qlaunch.model.experts_4bit import adapt_packed_experts
+def peft_over_packed_experts(base, make_peft_model, storage: str | None = None):
+    """make_peft_model() with the base's 4-bit fused experts (qlaunch.model.experts_4bit) read as stacks of
+    [experts, out, in], which peft sizes expert LoRA from, and its wrappers over them applying LoRA per expert.
+    The packed bytes are then stored as `storage` (--bnb_4bit_quant_storage, set for ZeRO-3/FSDP2 to shard
+    them): after peft (which casts adapters to a floating parameter's dtype) and after k-bit preparation
+    (which converts 16-bit parameters to fp32)."""
+    from qlaunch.model.experts_4bit import adapt_packed_experts, packed_views, store_packed_as
 
-    if adapt_packed_experts(model):
+    with packed_views(base):
+        model = make_peft_model()
+        adapted = adapt_packed_experts(model)
+    if adapted:
         log.info("LoRA on the 4-bit experts: added to each expert as it is dequantized (peft's adapter format).")
+    if storage and store_packed_as(model, getattr(torch, storage)):
+        log.info("4-bit experts stored as %s (the same bytes) so the engine can shard them.", storage)
     return model

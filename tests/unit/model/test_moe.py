@@ -64,8 +64,8 @@ def test_4bit_experts_and_their_lora_compute_what_peft_computes_on_the_dequantiz
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from qlaunch.model.experts_4bit import packed_parameters, quantize_experts
-    from qlaunch.model.lora import with_packed_experts
+    from qlaunch.model.experts_4bit import packed_parameters, packed_views, quantize_experts
+    from qlaunch.model.lora import peft_over_packed_experts
 
     ids = torch.arange(5, 30).unsqueeze(0)
     plain = AutoModelForCausalLM.from_pretrained(moe[kind]).eval()
@@ -78,10 +78,11 @@ def test_4bit_experts_and_their_lora_compute_what_peft_computes_on_the_dequantiz
     assert (exact - quantized).abs().mean() < 0.05 * exact.abs().mean()  # measured 0.7-1.8%
 
     names = {module: name for name, module in model.named_modules()}
-    plain.load_state_dict({f"{names[module]}.{pname}": torch.stack([getattr(module, pname)[e] for e in range(4)])
-                           for module, pname, _ in packed_parameters(model)}, strict=False)
+    with packed_views(model):
+        plain.load_state_dict({f"{names[m]}.{pname}": torch.stack([getattr(m, pname)[e] for e in range(4)])
+                               for m, pname, _ in packed_parameters(model)}, strict=False)
     lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"], target_parameters=EXPERTS[1:])
-    adapted = with_packed_experts(get_peft_model(model, LoraConfig(**lora)))
+    adapted = peft_over_packed_experts(model, lambda: get_peft_model(model, LoraConfig(**lora)))
     reference = get_peft_model(plain, LoraConfig(**lora))
     for name, p in adapted.named_parameters():
         if "lora_B" in name:
@@ -135,16 +136,15 @@ def test_moe_nf4_qlora_trains_4bit_experts_and_reloads(moe, demo, tmp_path):
         assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("engine", [["--deepspeed", "ds_configs/zero3.json"], ["--fsdp_config", "fsdp_configs/fsdp2.json"]])
-def test_4bit_experts_with_a_sharding_engine_are_refused_before_loading(moe, demo, tmp_path, engine):
+def test_4bit_experts_under_a_sharding_engine_are_stored_as_the_compute_dtype(moe, demo, tmp_path):
+    """ZeRO-3 and FSDP2 shard the packed stacks like bitsandbytes' Linear4bit weights: as the compute dtype
+    (the same bytes), so DeepSpeed's cast leaves them alone and FSDP2 shards them (2-process runs:
+    tests/integration/test_moe_engines.py)."""
     from tests.conftest import REPO
 
-    engine = [f"{REPO}/{a}" if a.endswith(".json") else a for a in engine]
-    with pytest.raises(UsageError) as refused:
-        prepare(["--model_name_or_path", moe["mixtral"], "--data_path", demo["train"], "--output_dir",
-                 str(tmp_path / "x"), "--q_lora", *engine, *FAST])
-    assert "4-bit experts (197k parameters) are not sharded by either engine yet" in " ".join(refused.value.problems)
-    assert not (tmp_path / "x").exists()
+    config = prepare(["--model_name_or_path", moe["mixtral"], "--data_path", demo["train"], "--output_dir",
+                      str(tmp_path / "x"), "--q_lora", "--deepspeed", f"{REPO}/ds_configs/zero3.json", *FAST])
+    assert config.settings.quantize_experts and config.lora.bnb_4bit_quant_storage == "float32"
 
 
 def test_4bit_experts_load_in_host_memory_on_a_gpu():
@@ -273,7 +273,8 @@ def test_plan_of_published_moe_architectures_on_1_and_8_gpus(name, tmp_path, cap
 
 def test_plan_of_qwen3_30b_a3b_nf4_counts_4bit_experts_and_their_16_bit_load(tmp_path, capsys):
     """--q_lora on the published Qwen3-30B-A3B: the experts count as packed 4-bit (≈4.13 bits), the base is ~1/3.6
-    of its 16-bit size on one GPU, and the host holds the 16-bit experts while they load (GPU facts)."""
+    of its 16-bit size on one GPU, and the host holds the 16-bit experts while they load (GPU facts); under
+    FSDP2 on 8 GPUs each holds 1/8 of the 4-bit base."""
     from qlaunch.plan import main as plan_main
     from tests.model_dims import config_dir
 
@@ -293,3 +294,10 @@ def test_plan_of_qwen3_30b_a3b_nf4_counts_4bit_experts_and_their_16_bit_load(tmp
     assert 3.2 < ratio < 3.9, ratio  # 16-bit experts vs 4.13 bits (plus the fp32 embeddings kept by both)
     assert nf4["memory_gb"]["per_device_peak"] < 24  # attention LoRA, 2048 tokens: a 24 GB GPU's job
     assert nf4["memory_gb"]["load"]["one expert stack being quantized (16-bit)"] * 1024**3 == 128 * 2 * 768 * 2048 * 2
+    # FSDP2 on 8 GPUs: rank 0 builds the base in host memory (the experts 16-bit until packed), each GPU holds 1/8
+    from tests.conftest import REPO
+
+    plan_main([*args, "--q_lora", "--fsdp_config", f"{REPO}/fsdp_configs/fsdp2.json", "--num_gpus", "8"])
+    sharded = json.loads(capsys.readouterr().out)["memory_gb"]
+    assert sharded["load_host"]["rank 0: fused experts, 16-bit until quantized"] * 1024**3 == pytest.approx(experts * 2)
+    assert sharded["persistent"]["base weights"] == pytest.approx(nf4["memory_gb"]["persistent"]["base weights"] / 8)

@@ -37,7 +37,7 @@ def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 # Model types whose classes tests/unit/train/test_loss.py proves equal to the full-logits path (loss and
 # every LoRA gradient, padded and packed). A class can pass the structural checks below and still
 # post-process 3-D logits (soft-capping, scaling) or compute a loss of its own: only listed types run it.
-LABELLED_LOGITS_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+LABELLED_LOGITS_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral"})
 
 
 def labelled_logits_unsupported(model, args=None) -> str | None:

@@ -25,11 +25,21 @@ def tiny_lora_model(arch: str, seed: int = 0):
 
     torch.manual_seed(seed)
     common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, head_dim=8)
+                  num_key_value_heads=2, max_position_embeddings=128, head_dim=8, **MOE.get(arch, {}))
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **common), attn_implementation="sdpa")
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
-                      init_lora_weights=False)  # non-zero B, so every LoRA weight gets a gradient
+    # MoE classes hold their experts fused (no down_proj Linear): the third target is o_proj, and LoRA on the
+    # experts themselves through target_parameters
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,  # non-zero B: every LoRA
+                      target_modules=["q_proj", "v_proj", "o_proj" if arch in MOE else "down_proj"],  # weight
+                      target_parameters=["mlp.experts.down_proj"] if arch in MOE else None)  # gets a gradient
     return get_peft_model(model, lora)
+
+
+# the router's load-balancing loss on (output_router_logits), so the equality covers the loss it adds
+MOE = {"qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, output_router_logits=True),
+       "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                         shared_expert_intermediate_size=16, output_router_logits=True),
+       "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True)}
 
 
 def batches(packed: bool):
@@ -74,7 +84,9 @@ def test_loss_and_lora_gradients_equal_the_full_logits_path(arch, packed):
     assert full.logits.shape[:2] == batch["input_ids"].shape
     assert part.logits.shape == (n, 97)  # lm_head ran on the labelled positions only
     torch.testing.assert_close(part.loss, full.loss, rtol=1e-5, atol=0)
-    assert full_grads.keys() == part_grads.keys() and len(full_grads) == 2 * 3 * 2
+    assert full_grads.keys() == part_grads.keys() and len(full_grads) == 2 * (4 if arch in MOE else 3) * 2
+    if arch in MOE:
+        assert full.aux_loss > 0 and part.aux_loss == full.aux_loss
     for name in full_grads:
         assert full_grads[name].abs().max() > 0, name
         torch.testing.assert_close(part_grads[name], full_grads[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -1,5 +1,6 @@
 """Packing isolates samples: in a packed batch every sample's logits and per-token losses equal
-those of the sample run alone (fp32), for Qwen2 and Llama, sdpa and eager attention."""
+those of the sample run alone (fp32), for Qwen2, Llama and Qwen3-MoE (routing is per token), sdpa and eager
+attention."""
 import json
 
 import pytest
@@ -15,14 +16,15 @@ SYS = "You are a helpful assistant."
 
 
 def tiny_model(kind, vocab, attn):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3MoeConfig
 
     torch.manual_seed(0)
-    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[kind]
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3_moe": Qwen3MoeConfig}[kind]
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32) if kind == "qwen3_moe" else {}
     # use_cache off, as qlaunch loads every model for training: transformers only derives per-sample
     # masks from position ids when there is no KV cache.
     config = cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, attn_implementation=attn, use_cache=False)
+                 num_key_value_heads=2, max_position_embeddings=512, attn_implementation=attn, use_cache=False, **moe)
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -37,7 +39,7 @@ def test_first_fit_decreasing_fills_rows_without_overflow():
     assert len(rows) == 4  # 32 tokens in rows of 10: 4 is the minimum
 
 
-@pytest.mark.parametrize("kind,attn", [("qwen2", "sdpa"), ("qwen2", "eager"), ("llama", "sdpa")])
+@pytest.mark.parametrize("kind,attn", [("qwen2", "sdpa"), ("qwen2", "eager"), ("llama", "sdpa"), ("qwen3_moe", "sdpa")])
 def test_packed_samples_equal_samples_alone(kind, attn, tokenizer, demo, tmp_path):
     samples = build_dataset(demo["train"], tokenizer, max_length=128, system_message=SYS, show_progress=False)
     subset = [samples[i] for i in range(12)]

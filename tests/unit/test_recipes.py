@@ -90,7 +90,9 @@ def test_recipe_fits_the_gpu_its_header_names(path, demo, tmp_path):
 
 def test_plan_command_on_every_recipe_is_fast_and_reads_only_config(tmp_path):
     """`python -m qlaunch.plan` on each model recipe, as a user runs it: its own process (imports
-    included), offline, on a directory holding only config.json: under 10 s each, nothing written."""
+    included), offline, on a directory holding only config.json: nothing written, and at most 5 s above
+    importing the libraries every plan needs, timed in the same run (this shared machine's import time alone
+    has ranged from 4 to 10 s between sessions; the plan's own work is what qlaunch controls)."""
     import subprocess
     import sys
     import time
@@ -112,6 +114,20 @@ def test_plan_command_on_every_recipe_is_fast_and_reads_only_config(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads(proc.stdout)["fit"]["fits"]
         assert os.listdir(model_dir) == ["config.json"]
-    print("python -m qlaunch.plan wall seconds:", {k: round(v, 1) for k, v in walls.items()})
+    floor = min(import_seconds() for _ in range(2))
+    print(f"python -m qlaunch.plan wall seconds (importing torch + transformers' TrainingArguments: {floor:.1f}):",
+          {k: round(v, 1) for k, v in walls.items()})
     assert len(walls) >= 9
-    assert max(walls.values()) < 10, walls
+    assert max(walls.values()) < floor + 5, (floor, walls)
+
+
+def import_seconds() -> float:
+    """Wall seconds of a process that only imports what any plan must: torch and the Trainer's arguments."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import torch, transformers.training_args"], check=True,
+                   capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return time.monotonic() - start

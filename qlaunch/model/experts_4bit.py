@@ -18,20 +18,17 @@ to the eager implementation.
 LoRA on these experts (--lora_target_parameters) uses peft's own ParamWrapper, so the adapter's tensors,
 names and file are exactly peft's and load with plain peft on a 16-bit base. peft adds its update by
 parametrizing the whole 16-bit stack (W + B·A for every expert); that cannot apply to packed codes, so
-the wrapper here hands the low-rank factors to the packed parameter instead, which adds expert e's
-scaling·B_e·A_e to the one expert it dequantizes.
+the wrapper here hands the low-rank factors to the experts module instead, whose stacks add expert e's
+scaling·B_e·A_e to the one expert they dequantize.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-log = logging.getLogger("qlaunch")
 
 BLOCKSIZE = 64  # bitsandbytes' default for 4-bit weights, as its Linear4bit uses
 NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for double-quantized statistics
@@ -88,7 +85,10 @@ def packed_bytes(experts: int, out_features: int, in_features: int, double_quant
     return experts * ExpertLayout(experts, out_features, in_features, "nf4", double_quant, torch.float16).row_bytes
 
 
+@functools.lru_cache(maxsize=None)
 def _codebooks(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 4-bit code and the nested statistics' 8-bit code, built once per device: every expert of every
+    forward dequantizes with them, and bitsandbytes builds the 8-bit one in Python."""
     from bitsandbytes.functional import create_dynamic_map, get_4bit_type
 
     return get_4bit_type(quant_type, device=device), create_dynamic_map(signed=True).to(device)

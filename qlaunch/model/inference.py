@@ -119,7 +119,11 @@ def load_for_inference(
     )
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype, "device_map": {"": 0 if cuda else "cpu"}, "trust_remote_code": trust_remote_code}
+    # An MoE's fused experts, 4-bit as in training (qlaunch.model.experts_4bit): the base is built in host
+    # memory, where bitsandbytes leaves them 16-bit, and each stack is packed on the device
+    experts_4bit = quant in ("nf4", "fp4") and has_fused_experts(base, trust_remote_code)
+    kwargs = {"dtype": dtype, "device_map": {"": 0 if cuda and not experts_4bit else "cpu"},
+              "trust_remote_code": trust_remote_code}
     # A GPTQ checkpoint's own quantization_config loads it with gptqmodel's fastest inference kernel.
     qc = None if quant == "gptq" else quantization_config(quant, dtype, lora_args)
     if quant == "gptq":
@@ -129,12 +133,10 @@ def load_for_inference(
     if qc is not None:
         kwargs["quantization_config"] = qc
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    if quant in ("nf4", "fp4"):  # an MoE's fused experts, 4-bit as in training (qlaunch.model.experts_4bit)
-        from qlaunch.model.experts_4bit import fused_expert_parameters
+    if experts_4bit:
         from qlaunch.model.load import quantize_fused_experts, training_device
 
-        if fused_expert_parameters(model):
-            quantize_fused_experts(model, quant, lora_args.bnb_4bit_use_double_quant, dtype, training_device(cuda))
+        quantize_fused_experts(model, quant, lora_args.bnb_4bit_use_double_quant, dtype, training_device(cuda))
     tokenizer = load_tokenizer(adapter if adapter and _has_tokenizer(adapter) else base, trust_remote_code)
     if adapter:
         from peft import PeftModel
@@ -144,6 +146,19 @@ def load_for_inference(
         model = peft_over_packed_experts(model, lambda: PeftModel.from_pretrained(model, adapter))
     model.eval()
     return model, tokenizer
+
+
+def has_fused_experts(base: str, trust_remote_code: bool = False) -> bool:
+    """Whether the base is an MoE whose experts transformers builds as fused 3-D parameters (meta skeleton)."""
+    from qlaunch.config.checkpoint import read_config
+    from qlaunch.config.moe import experts_of
+
+    try:
+        config = read_config(base)
+    except UsageError:  # from_pretrained reports an unreadable base in its own words
+        return False
+    experts = experts_of(base, config, trust_remote_code)  # None without building anything for a dense base
+    return bool(experts and experts.fused_tensors)
 
 
 def adapter_tokenizer(adapter: str, base: str, trust_remote_code: bool = False):

@@ -135,7 +135,11 @@ def signal_and_release(slurm, job: str, log_path, steps: int) -> None:
         r = slurm.run("scontrol", "show", "job", "-o", job, check=False)
         if "JobState=PENDING" in r.stdout and "Restarts=1" in r.stdout and slurm.node_idle():
             # only once the node has finished the first run: a job started again while its old instance is
-            # still being cleaned up on the node can fail to launch (Slurm's own hold exists for this)
+            # still being cleaned up on the node can fail to launch (Slurm's own hold exists for this).
+            # Then 2 s more: slurmd revoked the old run's credential at the kill, in whole seconds, and refuses
+            # a credential created in that same second ("Job N already killed, do not launch batch job",
+            # slurm_cred_revoked compares ctime <= revoked) -- the job then ends FAILED.
+            time.sleep(2)
             slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
             break
         if "JobState=COMPLETED" in r.stdout or "JobState=FAILED" in r.stdout:

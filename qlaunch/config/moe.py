@@ -46,13 +46,20 @@ def amount(n: float, unit: str = "") -> str:
     return f"{n:.0f}{' ' + unit if unit else ''}"
 
 
+def is_fused_experts(param) -> bool:
+    """The one rule for which parameters are fused experts: the 3-D ones, [experts, out, in] (no other kind of
+    parameter in transformers' causal LMs has three dimensions). What is counted here, planned
+    (qlaunch.memory.shape) and packed to 4 bits (qlaunch.model.experts_4bit) is decided by it alone."""
+    return param.dim() == 3
+
+
 def is_moe(config: dict) -> bool:
     return any(int(config.get(k) or 0) > 1 for k in EXPERT_KEYS)
 
 
 def count_experts(config: dict, model) -> Experts:
     """The experts of a model skeleton: its 3-D parameters are the fused experts."""
-    fused = [(name, p.numel()) for name, p in model.named_parameters() if p.dim() == 3]
+    fused = [(name, p.numel()) for name, p in model.named_parameters() if is_fused_experts(p)]
     experts = next((int(config[k]) for k in EXPERT_KEYS if config.get(k)), 0)
     per_token = next((int(config[k]) for k in PER_TOKEN_KEYS if config.get(k)), experts)
     inner = sorted({".".join(n.split(".")[3:]) if n.split(".")[1:2] == ["layers"] else n for n, _ in fused})

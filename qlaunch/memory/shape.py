@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from qlaunch.config.errors import UsageError
+from qlaunch.config.moe import is_fused_experts
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def transformers_shape(config: dict) -> Shape:
         tied=bool(getattr(hf_config, "tie_word_embeddings", False)), block=block,
         total_params=sum(p.numel() for p in model.parameters()),
         gated_mlp=bool(names & {"gate_proj", "w1", "w3", "gate_up_proj"}), gptq=_gptq(config),
-        fused_experts=tuple(tuple(p.shape) for p in model.parameters() if p.dim() == 3),
+        fused_experts=tuple(tuple(p.shape) for p in model.parameters() if is_fused_experts(p)),
     )
 
 

@@ -13,7 +13,8 @@ The experts' eager forward (the one transformers ships in each modeling file) re
 dequantizes that expert only, so no 16-bit copy of the stack ever exists. It is the module that does so,
 not the parameter: FSDP2 swaps in a plain unsharded parameter for each forward and ZeRO-3 gathers into
 it, and both keep the module. The grouped/batched kernels read the whole 3-D tensor, so the model is set
-to the eager implementation.
+to the eager implementation. Backward dequantizes each expert again rather than keeping the 16-bit matrix
+`F.linear` saved (qlaunch.model.recompute_saved).
 
 LoRA on these experts (--lora_target_parameters) uses peft's own ParamWrapper, so the adapter's tensors,
 names and file are exactly peft's and load with plain peft on a 16-bit base. peft adds its update by
@@ -29,6 +30,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from qlaunch.config.moe import is_fused_experts
+from qlaunch.model.recompute_saved import RebuildInBackward
 
 BLOCKSIZE = 64  # bitsandbytes' default for 4-bit weights, as its Linear4bit uses
 NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for double-quantized statistics
@@ -141,8 +145,9 @@ class PackedStack:
     dequantized, plus the active adapters' update for that expert. shape is the fused parameter's
     [experts, out, in], which peft sizes expert LoRA from; dtype and device are the storage's."""
 
-    def __init__(self, storage: torch.Tensor, layout: ExpertLayout, lora_terms: tuple = ()):
-        self.storage, self.layout, self.lora_terms = storage, layout, lora_terms
+    def __init__(self, storage: torch.Tensor, layout: ExpertLayout, lora_terms: tuple = (),
+                 rebuild: RebuildInBackward | None = None):
+        self.storage, self.layout, self.lora_terms, self.rebuild = storage, layout, lora_terms, rebuild
 
     @property
     def shape(self) -> torch.Size:
@@ -166,6 +171,12 @@ class PackedStack:
 
     def __getitem__(self, index) -> torch.Tensor:
         e = int(index)
+        weight = self.expert(e)
+        if self.rebuild is not None:  # whatever saves it for backward keeps how to build it again instead
+            self.rebuild.remember(weight, functools.partial(self.expert, e))
+        return weight
+
+    def expert(self, e: int) -> torch.Tensor:
         weight = dequantize_expert(self.storage[e], self.layout)
         for lhs, rhs, scaling in self.lora_terms:  # (lhs [E, out, r], rhs [E, r, in], scaling) per adapter
             weight = weight + scaling * (lhs[e] @ rhs[e]).to(weight.dtype)
@@ -186,11 +197,15 @@ class PackedExperts:
         layout = self.__dict__.get("packed_layouts", {}).get(name)
         if layout is None or not self.__dict__.get("reading_packed"):
             return value
-        return PackedStack(value, layout, self.__dict__["lora_terms"].get(name, ()))
+        return PackedStack(value, layout, self.__dict__["lora_terms"].get(name, ()), self.__dict__.get("rebuild"))
 
     def forward(self, *args, **kwargs):
-        with packed_views(self):
-            return super().forward(*args, **kwargs)
+        with packed_views(self), RebuildInBackward() as rebuild:
+            self.__dict__["rebuild"] = rebuild
+            try:
+                return super().forward(*args, **kwargs)
+            finally:
+                self.__dict__.pop("rebuild", None)
 
     def __reduce_ex__(self, protocol):
         return _packed_instance, (self._unpacked_class,), self.__getstate__()
@@ -220,9 +235,9 @@ def _packed_instance(experts_class: type):
 
 
 def fused_expert_parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
-    """Every 3-D parameter (module, name, parameter): the fused experts (qlaunch.config.moe counts the same)."""
+    """Every fused experts parameter (module, name, parameter), by qlaunch.config.moe's one rule."""
     return [(module, name, p) for module in model.modules()
-            for name, p in module.named_parameters(recurse=False) if p.dim() == 3]
+            for name, p in module.named_parameters(recurse=False) if is_fused_experts(p)]
 
 
 def packed_parameters(model: nn.Module) -> list[tuple[nn.Module, str, ExpertLayout]]:

@@ -134,9 +134,11 @@ def load_for_inference(
         kwargs["quantization_config"] = qc
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     if experts_4bit:
-        from qlaunch.model.load import quantize_fused_experts, training_device
+        from qlaunch.config.engine import Engine
+        from qlaunch.model.load import experts_placement, quantize_fused_experts
 
-        quantize_fused_experts(model, quant, lora_args.bnb_4bit_use_double_quant, dtype, training_device(cuda))
+        quantize_fused_experts(model, quant, lora_args.bnb_4bit_use_double_quant, dtype,
+                               experts_placement(cuda, Engine()))
     tokenizer = load_tokenizer(adapter if adapter and _has_tokenizer(adapter) else base, trust_remote_code)
     if adapter:
         from peft import PeftModel

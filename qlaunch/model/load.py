@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -77,18 +78,36 @@ def training_device(cuda: bool, local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class ExpertsPlacement:
+    """Where an MoE base built in host memory has its fused experts packed, and where the model then lives."""
+    quantize_on: torch.device  # each 16-bit stack comes here, one at a time, to be packed
+    keep_on: torch.device  # where the packed rows stay
+    move_model: bool  # the rest of the host-built model follows them onto the GPU
+
+
+def experts_placement(cuda: bool, engine: Engine, local_rank: int = 0) -> ExpertsPlacement:
+    """From the device facts (a pure function: tested with GPU facts). Packing runs on the training GPU
+    either way; the sharding engines take the whole model from host memory (rank 0's sharded load,
+    zero.Init), so there the packed rows go back beside it, while the replicating ones train where they
+    packed, with the rest of the model moved there too."""
+    device = training_device(cuda, local_rank)
+    if engine.shards_parameters:
+        return ExpertsPlacement(device, torch.device("cpu"), move_model=False)
+    return ExpertsPlacement(device, device, move_model=device.type != "cpu")
+
+
 def quantize_fused_experts(model, quant_method: str, double_quant: bool, compute_dtype: torch.dtype,
-                           device: torch.device, move: bool = True) -> None:
-    """The fused experts quantized to 4 bits on the training device; with `move` they stay there and the rest of
-    the host-built model follows, otherwise they return to host memory beside it."""
+                           placement: ExpertsPlacement) -> None:
+    """The fused experts quantized to 4 bits where `placement` says, the model moved after them if it says so."""
     from qlaunch.config.moe import amount
     from qlaunch.model.experts_4bit import quantize_experts
 
-    values, stored = quantize_experts(model, quant_method, double_quant, compute_dtype, device,
-                                      store_on=None if move else "cpu")
-    if move and device.type != "cpu":
-        torch.nn.Module.to(model, device)  # bitsandbytes' Params4bit.to carries its quantization state along
-        model.hf_device_map = {"": str(device)}
+    values, stored = quantize_experts(model, quant_method, double_quant, compute_dtype, placement.quantize_on,
+                                      store_on=placement.keep_on)
+    if placement.move_model:
+        torch.nn.Module.to(model, placement.keep_on)  # bitsandbytes' Params4bit.to carries its quantization state
+        model.hf_device_map = {"": str(placement.keep_on)}
     log.info("MoE experts: %s parameters quantized to %s by qlaunch, %s stored (%.3f bits per parameter); "
              "eager experts forward.", amount(values), quant_method, amount(stored, "B"), stored * 8 / max(values, 1))
 
@@ -137,9 +156,9 @@ def load_base_model(
             model_args.model_name_or_path, **{k: v for k, v in kwargs.items() if v is not None}
         )
     model.config.use_cache = False  # the KV cache is useless in training and breaks checkpointing
-    if experts_4bit:  # sharding engines take the model from host memory; the others train where it is quantized
+    if experts_4bit:
         quantize_fused_experts(model, quant_method, lora_args.bnb_4bit_use_double_quant, compute_dtype,
-                               training_device(cuda, local_rank), move=not engine.shards_parameters)
+                               experts_placement(cuda, engine, local_rank))
     if quant_method == "gptq":
         from qlaunch.model.gptq import kernel_summary, pin_training_kernels
 

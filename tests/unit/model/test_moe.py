@@ -99,6 +99,69 @@ def test_4bit_experts_and_their_lora_compute_what_peft_computes_on_the_dequantiz
     assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
 
 
+def _expert_lora_model(path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlaunch.model.experts_4bit import quantize_experts
+    from qlaunch.model.lora import peft_over_packed_experts
+
+    torch.manual_seed(0)  # the same adapter (peft draws A at random) each time
+    model = AutoModelForCausalLM.from_pretrained(path)
+    quantize_experts(model, "nf4", True, torch.float32)
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"], target_parameters=EXPERTS[1:])
+    adapted = peft_over_packed_experts(model, lambda: get_peft_model(model, LoraConfig(**lora)))
+    for name, p in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    return adapted
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_backward_dequantizes_each_expert_again_instead_of_keeping_it(moe, monkeypatch, checkpointing):
+    """F.linear saves its weight for backward, here a 16-bit expert matrix dequantized for one call: kept, every
+    expert a token reached would stay in 16 bits until backward. The packed experts' forward leaves each to be
+    dequantized again: what autograd keeps drops by exactly the matrices forward read, and the loss and every
+    gradient are bit-identical to keeping them, with activation checkpointing (whose own saved-tensor hooks
+    must still see everything else) and without."""
+    import qlaunch.model.recompute_saved as recompute_saved
+
+    ids = torch.arange(5, 40).unsqueeze(0)
+    read = []
+    remember = recompute_saved.RebuildInBackward.remember
+    monkeypatch.setattr(recompute_saved.RebuildInBackward, "remember",
+                        lambda self, matrix, build: (read.append(matrix.nbytes), remember(self, matrix, build)))
+
+    def train_step(rebuild: bool):
+        with monkeypatch.context() as patch:
+            if not rebuild:  # as on a torch without the hooks getter: nothing installed, the matrices are kept
+                patch.setattr(recompute_saved, "_outer_hooks", lambda: None)
+            model = _expert_lora_model(moe["qwen3_moe"])
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.enable_input_require_grads()
+            model.train()
+            kept = {}
+
+            def pack(t):  # outermost hooks: see whatever is saved and not left to be rebuilt
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            read.clear()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+            return loss, sum(kept.values()), sum(read), grads
+
+    loss, kept, read_bytes, grads = train_step(rebuild=True)
+    kept_loss, kept_all, _, kept_grads = train_step(rebuild=False)
+    assert torch.equal(loss, kept_loss) and grads.keys() == kept_grads.keys()
+    assert all(torch.equal(grads[n], kept_grads[n]) for n in grads) and len(grads) == 12
+    if not checkpointing:  # (checkpointing's own hooks sit inside the blocks, hiding them from the outermost)
+        assert read_bytes > 0 and kept_all - kept == read_bytes, (kept_all, kept, read_bytes)
+
+
 def test_moe_nf4_qlora_trains_4bit_experts_and_reloads(moe, demo, tmp_path):
     """The whole run: --q_lora on an MoE base quantizes its experts (no refusal), the plan counts them 4-bit and
     counts the expert LoRA peft builds, LoRA on them changes the experts' outputs, and the saved adapter loaded
@@ -149,13 +212,25 @@ def test_4bit_experts_under_a_sharding_engine_are_stored_as_the_compute_dtype(mo
 
 def test_4bit_experts_load_in_host_memory_on_a_gpu():
     """GPU facts: an MoE whose experts qlaunch quantizes is built in host memory (bitsandbytes leaves them
-    16-bit), each stack quantized onto the GPU; other 4-bit bases load straight onto the GPU."""
+    16-bit), each stack packed on this rank's GPU; under DDP / ZeRO-2 the packed rows stay there and the model
+    follows, under ZeRO-3 / FSDP2 they go back to host memory, which the sharded load takes the model from;
+    other 4-bit bases load straight onto the GPU."""
     from qlaunch.config.engine import Engine
-    from qlaunch.model.load import device_map_for, training_device
+    from qlaunch.model.load import device_map_for, experts_placement, training_device
 
     assert device_map_for("nf4", cuda=True, engine=Engine(), local_rank=1, experts_4bit=True) == {"": "cpu"}
     assert device_map_for("nf4", cuda=True, engine=Engine(), local_rank=1) == {"": 1}
     assert training_device(True, 1) == torch.device("cuda:1") and training_device(False) == torch.device("cpu")
+    gpu1, cpu = torch.device("cuda:1"), torch.device("cpu")
+    for replicating in (Engine(), Engine("deepspeed", zero_stage=2)):
+        placed = experts_placement(True, replicating, local_rank=1)
+        assert (placed.quantize_on, placed.keep_on, placed.move_model) == (gpu1, gpu1, True)
+    for sharding in (Engine("deepspeed", zero_stage=3), Engine("fsdp2"), Engine("fsdp2", offload_params=True)):
+        placed = experts_placement(True, sharding, local_rank=1)
+        assert (placed.quantize_on, placed.keep_on, placed.move_model) == (gpu1, cpu, False)
+    for engine in (Engine(), Engine("fsdp2")):
+        placed = experts_placement(False, engine, local_rank=1)
+        assert (placed.quantize_on, placed.keep_on, placed.move_model) == (cpu, cpu, False)
 
 
 def test_lora_on_the_experts_changes_their_outputs_and_needs_no_dropout(moe, demo, tmp_path):

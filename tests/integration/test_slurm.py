@@ -133,12 +133,12 @@ def signal_and_release(slurm, job: str, log_path, steps: int) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         r = slurm.run("scontrol", "show", "job", "-o", job, check=False)
-        if "JobState=PENDING" in r.stdout and "Restarts=1" in r.stdout and slurm.node_idle():
-            # only once the node has finished the first run: a job started again while its old instance is
-            # still being cleaned up on the node can fail to launch (Slurm's own hold exists for this).
+        if "JobState=PENDING" in r.stdout and "Restarts=1" in r.stdout:
+            # Pending again only once the node has reported the first run cleaned up (COMPLETING ends then).
             # Then 2 s more: slurmd revoked the old run's credential at the kill, in whole seconds, and refuses
             # a credential created in that same second ("Job N already killed, do not launch batch job",
-            # slurm_cred_revoked compares ctime <= revoked) -- the job then ends FAILED.
+            # slurm_cred_revoked compares ctime <= revoked) -- the job then ends FAILED. (Waiting for sinfo to
+            # say "idle" instead once never ended: it said "mixed" while this job, the only one, was pending)
             time.sleep(2)
             slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
             break

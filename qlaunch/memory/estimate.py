@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from qlaunch.memory.experts import largest_16bit_load_unit, packed_bytes_of, packed_experts_bytes
+from qlaunch.memory.experts import (largest_16bit_load_unit, packed_bytes_of, packed_experts_bytes,
+                                    routed_experts_bytes)
 from qlaunch.memory.shape import Shape
 
 GiB = 1024**3
@@ -159,7 +160,10 @@ def block_activation_bytes(shape: Shape, job: Job, adapted, tokens: int, rows: i
     out["attention output + o_proj input"] = 2 * c * q * tokens + 4 * shape.heads * tokens
     if job.attention == "eager":  # the (rows, heads, s, s) probabilities: fp32 softmax + the cast copy
         out["attention matrices (eager)"] = (4 + c) * shape.heads * rows * job.seq_len ** 2
-    out["mlp intermediates"] = (4 if shape.gated_mlp else 2) * c * i * tokens
+    if shape.fused_experts and shape.experts_per_token:
+        out.update(routed_experts_bytes(shape, c, tokens))
+    else:
+        out["mlp intermediates"] = (4 if shape.gated_mlp else 2) * c * i * tokens
     if job.use_lora:
         # Each adapter gets its own copy of its input: peft casts to the fp32 adapter dtype and
         # autocast casts back for the matmul (or dropout's output on fp32); dropout keeps a mask.

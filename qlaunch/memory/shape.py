@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from qlaunch.config.errors import UsageError
-from qlaunch.config.moe import is_fused_experts
+from qlaunch.config.moe import PER_TOKEN_KEYS, is_fused_experts
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,17 @@ class Shape:
     output_name: str = "lm_head"
     checkpoint_bytes: int = 2  # bytes per weight in the checkpoint's files (config.json torch_dtype/dtype)
     fused_experts: tuple[tuple[int, int, int], ...] = ()  # every 3-D [experts, out, in] parameter of an MoE
+    experts_per_token: int = 0  # routed experts each token goes through (an MoE's top-k)
 
     @property
     def fused_expert_params(self) -> int:
         return sum(e * o * i for e, o, i in self.fused_experts)
+
+    @property
+    def expert_width(self) -> int:
+        """One routed expert's intermediate width: the narrowest non-hidden side of its stacks (the down
+        projection's input; the fused gate/up stack is twice as wide), whichever way the stacks are laid out."""
+        return min(o if i == self.hidden else i for _, o, i in self.fused_experts)
 
     @property
     def block_weights(self) -> int:
@@ -148,6 +155,7 @@ def transformers_shape(config: dict) -> Shape:
         total_params=sum(p.numel() for p in model.parameters()),
         gated_mlp=bool(names & {"gate_proj", "w1", "w3", "gate_up_proj"}), gptq=_gptq(config),
         fused_experts=tuple(tuple(p.shape) for p in model.parameters() if is_fused_experts(p)),
+        experts_per_token=next((int(config[k]) for k in PER_TOKEN_KEYS if config.get(k)), 0),
     )
 
 

@@ -3,7 +3,9 @@
 - the base is built in host memory and each fused expert stack is packed on the GPU, then the rest follows:
   after loading every parameter is on the GPU and the packed stacks are 4.13 bits per expert parameter;
 - a bf16 NF4 Q-LoRA run with LoRA on the experts trains, and its logits stay near the 16-bit model's;
-- its adapter loads for inference the same way (qlaunch.model.inference).
+- its adapter loads for inference the same way (qlaunch.model.inference);
+- backward dequantizes each expert again (qlaunch.model.recompute_saved): between forward and backward the GPU
+  holds less than with the dequantized matrices kept, by at least the matrices forward read.
 """
 from __future__ import annotations
 
@@ -52,3 +54,42 @@ def test_4bit_experts_are_packed_on_the_gpu_and_train(demo, tmp_path):
 
     reloaded, _ = load_for_inference(adapter=str(tmp_path / "out"), dtype=torch.bfloat16)
     assert {p.device.type for p in reloaded.parameters()} == {"cuda"} and len(packed_parameters(reloaded)) == 4
+
+
+def test_backward_keeps_no_dequantized_expert_on_the_gpu(demo, tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import qlaunch.model.recompute_saved as recompute_saved
+    from qlaunch.model.experts_4bit import quantize_experts
+    from qlaunch.model.lora import peft_over_packed_experts
+    from tests.moe_models import build_moe
+
+    path = build_moe("qwen3_moe", str(tmp_path / "moe"), demo["model"])
+    read = []
+    remember = recompute_saved.RebuildInBackward.remember
+    monkeypatch.setattr(recompute_saved.RebuildInBackward, "remember",
+                        lambda self, matrix, build: (read.append(matrix.nbytes), remember(self, matrix, build)))
+
+    def held_after_forward(rebuild: bool) -> int:
+        with monkeypatch.context() as patch:
+            if not rebuild:
+                patch.setattr(recompute_saved, "_outer_hooks", lambda: None)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+            quantize_experts(model, "nf4", True, torch.bfloat16, "cuda")
+            model.cuda()
+            lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"],
+                              target_parameters=EXPERTS[1:])
+            model = peft_over_packed_experts(model, lambda: get_peft_model(model, lora))
+            ids = torch.arange(5, 69, device="cuda").unsqueeze(0)
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            read.clear()
+            loss = model(input_ids=ids, labels=ids).loss
+            torch.cuda.synchronize()
+            held = torch.cuda.memory_allocated() - before
+            loss.backward()
+            return held
+
+    kept_all, held = held_after_forward(False), held_after_forward(True)
+    assert sum(read) > 0 and kept_all - held >= 0.9 * sum(read), (kept_all, held, sum(read))

@@ -37,8 +37,12 @@ class _Rebuild:
 
 
 def _outer_hooks():
+    """The saved-tensor hooks active now as (pack, unpack), (None, None) if none; None if this torch cannot say."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return None if top is None else (top(True) or (None, None))
+    try:
+        return None if top is None else (top(True) or (None, None))
+    except TypeError:  # a private function: another torch may take other arguments
+        return None
 
 
 class RebuildInBackward(torch.autograd.graph.saved_tensors_hooks):

@@ -77,15 +77,16 @@ def reference(request, launch_demo, runs_dir):
     return nproc, run
 
 
-@pytest.mark.parametrize("attempt", [0, 1])
-def test_kill_at_a_random_step_then_resume_equals_uninterrupted(reference, launch_demo, runs_dir, attempt):
+def test_kill_at_a_random_step_then_resume_equals_uninterrupted(reference, launch_demo, runs_dir):
+    """One random kill per process count and run: SEED changes every run (printed; QLAUNCH_CRASH_SEED
+    replays one), so the kill points are sampled across CI runs rather than twice within one (~46 s each)."""
     nproc, ref = reference
     # Progress is read from the checkpoints on disk (the log of torchrun's workers lags): kill a
     # random time after a random checkpoint, while the steps after it run.
-    rng = random.Random(SEED * 10 + attempt * 3 + nproc)
+    rng = random.Random(SEED * 10 + nproc)
     after, delay = SAVE * rng.randint(1, STEPS // SAVE - 2), rng.uniform(0.0, 1.0)
     print(f"seed {SEED}: killing the {nproc}-process run {delay:.2f} s after checkpoint-{after}")
-    out = runs_dir / f"crash_{nproc}_{attempt}"
+    out = runs_dir / f"crash_{nproc}"
     run, proc = launch("lora_ds.sh", crash_args(launch_demo, out, 2 // nproc), out, dump_dir=out.parent / "unused",
                        env=base_env(NPROC_PER_NODE=nproc, QLAUNCH_TEST_STEP_SLEEP=0.15), wait=False)
     seen = {}

@@ -53,6 +53,11 @@ def is_fused_experts(param) -> bool:
     return param.dim() == 3
 
 
+def experts_per_token(config: dict) -> int:
+    """Routed experts each token goes through, under whichever key the config names it; 0 if none."""
+    return next((int(config[k]) for k in PER_TOKEN_KEYS if config.get(k)), 0)
+
+
 def is_moe(config: dict) -> bool:
     return any(int(config.get(k) or 0) > 1 for k in EXPERT_KEYS)
 
@@ -61,7 +66,7 @@ def count_experts(config: dict, model) -> Experts:
     """The experts of a model skeleton: its 3-D parameters are the fused experts."""
     fused = [(name, p.numel()) for name, p in model.named_parameters() if is_fused_experts(p)]
     experts = next((int(config[k]) for k in EXPERT_KEYS if config.get(k)), 0)
-    per_token = next((int(config[k]) for k in PER_TOKEN_KEYS if config.get(k)), experts)
+    per_token = experts_per_token(config) or experts
     inner = sorted({".".join(n.split(".")[3:]) if n.split(".")[1:2] == ["layers"] else n for n, _ in fused})
     return Experts(str(config.get("model_type")), experts, per_token, len(fused), sum(n for _, n in fused),
                    sum(p.numel() for p in model.parameters()), tuple(inner))

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from qlaunch.config.errors import UsageError
-from qlaunch.config.moe import PER_TOKEN_KEYS, is_fused_experts
+from qlaunch.config.moe import experts_per_token, is_fused_experts
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def transformers_shape(config: dict) -> Shape:
         total_params=sum(p.numel() for p in model.parameters()),
         gated_mlp=bool(names & {"gate_proj", "w1", "w3", "gate_up_proj"}), gptq=_gptq(config),
         fused_experts=tuple(tuple(p.shape) for p in model.parameters() if is_fused_experts(p)),
-        experts_per_token=next((int(config[k]) for k in PER_TOKEN_KEYS if config.get(k)), 0),
+        experts_per_token=experts_per_token(config),
     )
 
 
